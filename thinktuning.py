@@ -1,0 +1,1286 @@
+"""ThinkTuning in one file: teacher-guided GRPO that teaches a language model to reflect on its reasoning.
+
+Paper: "ThinkTuning: Instilling Cognitive Reflections without Distillation", Aswin RRV et al., EMNLP 2025,
+https://arxiv.org/abs/2508.07616
+
+    python thinktuning.py --model HuggingFaceTB/SmolLM2-135M-Instruct --out runs/tt      # ThinkTuning
+    python thinktuning.py --model ... --no-teacher --out runs/grpo                        # vanilla GRPO baseline
+    python thinktuning.py --model runs/tt/ckpt --eval gsm8k,math500,aime24 --out runs/tt  # benchmarks
+
+One training step, in the order of this file: B prompts -> G rollouts each from the student -> the teacher
+(a frozen copy of the initial student, made a teacher by a few-shot prompt) reads one finished rollout per
+group and writes first-person feedback -> that feedback is spliced onto the rollout -> regex-graded rewards ->
+group-normalised advantages -> dual-clip PPO on the student's own tokens, Advantage-Aware Shaping (AAS) on
+guided ones -> AdamW. After the first few steps the teacher is switched off and training is plain GRPO.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import re
+import shutil
+import signal
+import sys
+import time
+import zlib
+from fractions import Fraction
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+# ================================================================================================ 1. config
+# Every hyperparameter lives here, with the paper's / authors' value where it differs from ours.
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="ThinkTuning (teacher-guided GRPO) or vanilla GRPO, on one GPU.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    # models and data
+    a("--model", help="student: a Hub name or a local folder (required unless --resume)")
+    a("--teacher", help="teacher model; default: a frozen copy of --model's initial weights (the paper's choice)")
+    a("--no-teacher", action="store_true", help="vanilla GRPO: the paper's baseline, everything else equal")
+    a("--train-data", default="openai/gsm8k", help="Hub dataset (GSM8K main train) or a local .jsonl/.json/.parquet")
+    a("--out", default="runs/thinktuning", help="run folder: metrics, samples, checkpoints, evaluation")
+    a("--resume", metavar="OUT", help="continue the run saved in OUT (its settings; flags given here override)")
+    # step size. Paper: 128 prompts x 5 for one epoch of GSM8K (~58 steps). One GPU: 32 prompts (160 rollouts).
+    a("--steps", type=int, default=58, help="total training steps (counted from the start, also on --resume)")
+    a("--prompts-per-step", type=int, default=32, help="questions per step (paper: 128; lowered for one GPU)")
+    a("--group-size", type=int, default=5, help="G: rollouts per question (paper: 5)")
+    a("--max-prompt-len", type=int, default=512, help="student prompt tokens; longer questions are skipped")
+    a("--max-new-tokens", type=int, default=1024, help="student response tokens (paper: 1024)")
+    a("--temperature", type=float, default=1.0, help="student sampling temperature (paper: 1.0)")
+    a("--top-p", type=float, default=1.0, help="student nucleus sampling (paper: 1.0)")
+    # teacher
+    a("--teacher-max-prompt-len", type=int, default=3072, help="teacher prompt tokens; longer queries stay unguided")
+    a("--teacher-max-new-tokens", type=int, default=1024, help="teacher response tokens, greedy (paper: 1024)")
+    a("--teacher-text-max", type=int, default=512, help="spliced teacher tokens kept at most (paper: 512)")
+    a("--schedule-steps", type=int, default=50, help="total_steps of the guidance schedule (authors: 50 -> steps 1-8)")
+    a("--guide-teacher-tokens-only", action="store_true",
+      help="apply AAS to the teacher-written tokens only (default: the whole guided response, as the authors)")
+    # loss and optimiser (METHOD.md's table)
+    a("--minibatches", type=int, default=4, help="optimizer steps per training step (paper: 4)")
+    a("--micro-batch", type=int, default=8, help="rows per forward/backward; lower it if memory runs out")
+    a("--lr", type=float, default=1e-6, help="AdamW learning rate, constant (paper: 1e-6)")
+    a("--weight-decay", type=float, default=0.01, help="AdamW weight decay (paper: 0.01)")
+    a("--grad-clip", type=float, default=1.0, help="gradient-norm clip (paper: 1.0)")
+    a("--clip-eps", type=float, default=0.2, help="PPO ratio clip epsilon (paper: 0.2)")
+    a("--dual-clip", type=float, default=3.0, help="dual-clip constant c for negative advantages (paper: 3)")
+    a("--kl-beta", type=float, default=0.0, help="k3 KL penalty to the initial model (paper: 0, off)")
+    # machinery
+    a("--seed", type=int, default=0, help="seed for data order, rollout selection and sampling")
+    a("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    a("--dtype", default="auto", choices=["auto", "bfloat16", "float32"], help="auto: bfloat16 on GPU, float32 on CPU")
+    a("--no-fast", action="store_true", help="sample with plain model.generate instead of the compiled static-cache sampler")
+    a("--no-grad-ckpt", action="store_true", help="turn off gradient checkpointing (on by default on GPU)")
+    a("--save-every", type=int, default=20, help="checkpoint every N steps (and always at the end)")
+    a("--log-samples", type=int, default=4, help="full rollouts per step written to samples.jsonl")
+    # evaluation
+    a("--eval", help="evaluate only: comma-separated gsm8k,math500,aime24,aime25,gpqa or local files")
+    a("--eval-limit", type=int, help="first N items of each benchmark")
+    a("--eval-samples", type=int, default=1, help="samples per question (1 = greedy pass@1, the paper's protocol)")
+    a("--eval-temperature", type=float, default=0.0, help="sampling temperature when --eval-samples > 1")
+    a("--eval-max-new-tokens", type=int, help="response tokens in evaluation (default: --max-new-tokens)")
+    a("--eval-batch-size", type=int, default=64, help="questions per generate call in evaluation")
+    a("--eval-every", type=int, default=0, help="during training, evaluate every N steps on --eval-data (0: never)")
+    a("--eval-data", default="gsm8k", help="held-out set for --eval-every")
+    a("--eval-every-limit", type=int, default=200, help="items of --eval-data used by --eval-every")
+    return p
+
+
+class UserError(Exception):
+    """Bad input: printed as one line, exit status 2."""
+
+
+def check_args(args):
+    """Catch bad settings before anything is loaded."""
+    if args.model is None and args.resume is None:
+        raise UserError("--model is required (a Hub name or a local folder)")
+    if args.group_size < 2:
+        raise UserError(f"--group-size {args.group_size}: GRPO needs at least 2 rollouts per question")
+    n = args.prompts_per_step * args.group_size
+    if args.minibatches < 1 or n % args.minibatches:
+        raise UserError(f"--minibatches {args.minibatches} must divide the {n} rollouts per step "
+                        f"(--prompts-per-step x --group-size)")
+    for name in ("steps", "prompts_per_step", "max_new_tokens", "teacher_max_new_tokens", "micro_batch",
+                 "eval_samples", "eval_batch_size", "save_every"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    if not 0 < args.top_p <= 1 or args.temperature <= 0:
+        raise UserError("--temperature must be > 0 and --top-p in (0, 1]")
+    if args.eval_samples > 1 and args.eval_temperature <= 0:
+        raise UserError("--eval-samples > 1 needs --eval-temperature > 0 (greedy samples would all be equal)")
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {args.device}: this machine has no CUDA GPU visible to torch; use --device cpu")
+    if args.dtype == "auto":
+        args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
+    return args
+
+
+# ================================================================================================ 2. prompts
+# The student sees only the question and one instruction, rendered with its own chat template (no system
+# message, no think tags). The teacher is the same kind of model made a teacher only by this prompt.
+
+STUDENT_INSTRUCTION = ("{question}\n\nWork through the problem step by step, then write your final answer "
+                       "inside \\boxed{{}}.")
+
+TEACHER_SYSTEM = """You coach students in mathematics by speaking as the student's own inner voice.
+You will see a problem and a student's written solution. Reply in exactly three tagged parts and nothing else:
+<opinion>correct</opinion> or <opinion>incorrect</opinion>: your judgement of the student's final answer.
+<reason>...</reason>: in the first person ("I", "my"), as if the student were thinking aloud, look back over the reasoning: say which steps hold and, if something is wrong, exactly where and why.
+<phrase>...</phrase>: in the first person, carry the thought on to the right solution and finish with the final answer in \\boxed{}.
+Choose the kind of reflection that fits: agreeing after re-checking, noticing a conflict with the problem, recalling a mentor's question, or critically verifying an unchecked answer."""
+
+# Four demonstrations, one per cognitive behaviour (self-agreement, self-conflict, self-consultation,
+# self-critique). Problems and wording are our own.
+TEACHER_DEMOS = [
+    ("A baker fills 7 trays with 12 rolls each and sells 50 rolls. How many rolls are left?",
+     "Each tray has 12 rolls, so 7 trays hold 7 x 12 = 84 rolls. After selling 50, 84 - 50 = 34 remain.\n\n"
+     "\\boxed{34}",
+     "correct",
+     "Let me look at this once more before I commit. Seven trays of twelve is 84, since 7 x 10 = 70 and "
+     "7 x 2 = 14. Taking away the 50 that were sold leaves 34. Every step agrees with the problem.",
+     "I'm confident the reasoning holds, so the number of rolls left is \\boxed{34}."),
+    ("A train ticket costs $18 for an adult and half as much for a child. A family buys 2 adult and 3 child "
+     "tickets. How much do they pay?",
+     "There are 2 + 3 = 5 tickets at $18 each, so the family pays 5 x 18 = $90.\n\n\\boxed{90}",
+     "incorrect",
+     "Wait, that doesn't match what the problem says. I charged every ticket at $18, but a child's ticket "
+     "costs half of that, so only the two adult tickets are $18 each.",
+     "A child ticket is 18 / 2 = $9. The adults pay 2 x 18 = $36 and the children 3 x 9 = $27, so together "
+     "the family pays 36 + 27 = $63. The answer is \\boxed{63}."),
+    ("A rectangle has a perimeter of 30 cm and a length of 9 cm. What is its area in square centimetres?",
+     "The width is 30 - 9 = 21 cm, so the area is 9 x 21 = 189.\n\n\\boxed{189}",
+     "incorrect",
+     "I can almost hear my old maths teacher asking: \"Are you sure the width is 30 minus 9?\" The perimeter "
+     "goes all the way round, so it counts the length twice and the width twice. Subtracting the length once "
+     "cannot give the width.",
+     "Half of the perimeter, 30 / 2 = 15 cm, is one length plus one width, so the width is 15 - 9 = 6 cm. "
+     "The area is 9 x 6 = 54 square centimetres: \\boxed{54}."),
+    ("Lena saves $4 in the first week and each week she saves $3 more than the week before. How much has she "
+     "saved after 4 weeks?",
+     "4, 7, 10, 13. Total 34.\n\n\\boxed{34}",
+     "correct",
+     "I wrote that down quickly without checking any of it, so let me go through it properly. Week 1 is $4, "
+     "week 2 is 4 + 3 = $7, week 3 is 7 + 3 = $10 and week 4 is 10 + 3 = $13. Adding them: 4 + 7 = 11, "
+     "11 + 10 = 21, 21 + 13 = 34. As a second check, the average week is (4 + 13) / 2 = 8.5 and "
+     "4 x 8.5 = 34.",
+     "Both ways give the same total, so after 4 weeks Lena has saved \\boxed{34} dollars."),
+]
+
+
+def teacher_reply(opinion, reason, phrase):
+    return f"<opinion>{opinion}</opinion>\n<reason>{reason}</reason>\n<phrase>{phrase}</phrase>"
+
+
+def teacher_query(question, response):
+    return f"Problem:\n{question}\n\nStudent's solution:\n{response}"
+
+
+def teacher_messages(question, response):
+    msgs = [{"role": "system", "content": TEACHER_SYSTEM}]
+    for q, r, op, reason, phrase in TEACHER_DEMOS:
+        msgs += [{"role": "user", "content": teacher_query(q, r)},
+                 {"role": "assistant", "content": teacher_reply(op, reason, phrase)}]
+    return msgs + [{"role": "user", "content": teacher_query(question, response)}]
+
+
+def render_chat(tok, messages):
+    """Token ids of `messages` in the model's own chat template, ready for the assistant to answer."""
+    if getattr(tok, "chat_template", None) is None:  # base model: plain text turns
+        text = "".join(f"{m['role'].capitalize()}: {m['content']}\n\n" for m in messages) + "Assistant:"
+    else:
+        try:
+            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception:  # templates without a system role (e.g. Gemma): fold it into the first user turn
+            if messages[0]["role"] != "system":
+                raise
+            first = {"role": "user", "content": messages[0]["content"] + "\n\n" + messages[1]["content"]}
+            text = tok.apply_chat_template([first] + messages[2:], tokenize=False, add_generation_prompt=True)
+    return tok(text, add_special_tokens=False)["input_ids"]  # the template already holds BOS where needed
+
+
+def student_prompt(tok, question):
+    return render_chat(tok, [{"role": "user", "content": STUDENT_INSTRUCTION.format(question=question)}])
+
+
+# ================================================================================================ 3. data
+HUB_TRAIN = {"openai/gsm8k": ("main", "train")}
+
+
+def gold_from_answer(answer):
+    """GSM8K gold: the text after '####', thousands separators removed; other sets: the answer as given."""
+    answer = str(answer)
+    if "####" in answer:
+        return answer.split("####")[-1].strip().replace(",", "")
+    return answer.strip()
+
+
+def _read_table(spec, split, config=None):
+    """Rows of a local .jsonl/.json/.parquet file or a Hub dataset, as a list of dicts."""
+    import datasets  # imported here: `--help` and the tests of the maths stay fast
+    datasets.disable_progress_bars()
+    if os.path.exists(spec):
+        kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(os.path.splitext(spec)[1])
+        if kind is None:
+            raise UserError(f"{spec}: expected a .jsonl, .json or .parquet file")
+        try:
+            return list(datasets.load_dataset(kind, data_files=spec, split="train"))
+        except Exception as e:
+            raise UserError(f"{spec}: could not be read as {kind} ({type(e).__name__}: {str(e).splitlines()[0]})")
+    if spec.endswith((".jsonl", ".json", ".parquet")) or spec.startswith((".", "/")):
+        raise UserError(f"{spec}: no such file")
+    try:
+        return list(datasets.load_dataset(spec, config, split=split))
+    except Exception as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"could not load the Hub dataset {spec!r} ({msg[:200]}); check the name and your network, "
+                        f"or pass a local .jsonl file")
+
+
+def load_problems(spec, split="train", config=None):
+    """[{'question', 'gold'}] from GSM8K-style (question + '#### N' answer) or MATH-style (problem + answer) rows."""
+    if spec in HUB_TRAIN and config is None:
+        config, split = HUB_TRAIN[spec][0], split
+    rows = _read_table(spec, split, config)
+    if not rows:
+        raise UserError(f"{spec}: no rows")
+    keys = set(rows[0])
+    qkey = next((k for k in ("question", "problem") if k in keys), None)
+    if qkey is None or "answer" not in keys:
+        raise UserError(f"{spec}: rows need 'question' or 'problem' plus 'answer' fields; found {sorted(keys)}")
+    return [{"question": r[qkey], "gold": gold_from_answer(r["answer"])} for r in rows]
+
+
+def epoch_order(n, seed, epoch):
+    """A seeded shuffle of range(n), different for every epoch, so `cursor` alone says where training is."""
+    g = random.Random(seed * 100_003 + epoch)
+    order = list(range(n))
+    g.shuffle(order)
+    return order
+
+
+def next_questions(problems, seed, cursor, k):
+    """The k problems after position `cursor` in the endless, epoch-wise shuffled stream."""
+    n = len(problems)
+    return [problems[epoch_order(n, seed, (cursor + j) // n)[(cursor + j) % n]] for j in range(k)]
+
+
+# ================================================================================================ 4. grader
+# grade(response, gold): does the response's final answer equal the gold one? Standard library only. It
+# decides every reward, and an RL policy will find its weak spots, so when unsure it says "wrong".
+
+MAX_ANSWER_CHARS = 400  # a longer "final answer" is not an answer
+
+
+def _box_before(text, end):
+    """(start, stop, content) of the last \\boxed / \\fbox that starts before `end`, braces counted."""
+    start = max(text.rfind("\\boxed", 0, end), text.rfind("\\fbox", 0, end))
+    if start < 0:
+        return None
+    i = start + (6 if text.startswith("\\boxed", start) else 5)
+    if i < len(text) and text[i] == "{":
+        depth = 0
+        for j in range(i, min(len(text), i + 4 * MAX_ANSWER_CHARS)):
+            depth += {"{": 1, "}": -1}.get(text[j], 0)
+            if depth == 0:
+                return start, j + 1, text[i + 1:j]
+        return start, len(text), None  # never closed: truncated inside the box
+    m = re.compile(r"[ \t]+([^\s$]+)").match(text, i)  # \boxed 5
+    return (start, m.end(), m.group(1)) if m else (start, i, None)
+
+
+# Phrases that commit to a final answer; the sentence after the last one is the answer.
+_ANSWER_PHRASE = re.compile(r"(?:final answer|the answer|correct answer|correct option|correct choice|answer)"
+                            r"[ \t*]*(?:is|:|=)[ \t*:]*|####[ \t]*", re.IGNORECASE)
+# An answer followed by one of these was taken back.
+_RETRACTION = re.compile(r"\b(?:wait|hold on|actually|scratch that|on second thought|that's wrong|that is wrong|"
+                         r"is wrong|is incorrect|not correct|made a mistake|made an error|mistake)\b", re.IGNORECASE)
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
+_HEDGE = re.compile(r"\d\s*(?:\)|\})?\s*(?:or|and/or)\s+\$?\\?\(?-?\d", re.IGNORECASE)
+
+
+def _sentence_after(text, i):
+    """The text from i to the end of its sentence: a newline, or a '.'/'!'/'?' followed by a space or the end."""
+    while i < len(text) and text[i].isspace():  # "The answer is:\n\n18"
+        i += 1
+    j, end = i, min(len(text), i + MAX_ANSWER_CHARS)
+    while j < end and text[j] != "\n":
+        if text[j] in ".!?" and (j + 1 == len(text) or text[j + 1].isspace()):
+            break
+        j += 1
+    return text[i:j], j
+
+
+def extract_answer(text):
+    """The response's final answer as a string, or None when it commits to none (or hedges, or retracts)."""
+    # 1. the last \boxed{...}; two different boxes in the final sentence are a hedge -> returned as a list
+    box = _box_before(text, len(text))
+    if box is not None:
+        start, stop, content = box
+        if content is None or not content.strip():
+            return None
+        prev = _box_before(text, start)
+        between = text[prev[1]:start] if prev else ""
+        if prev and prev[2] and len(between) < 60 and not re.search(r"[.!?]\s|\n", between) \
+                and normalize_answer(prev[2]) != normalize_answer(content):
+            if re.search(r"\bor\b", between):  # "\boxed{18} or \boxed{20}": a hedge
+                return None
+            content = f"{prev[2]}, {content}"  # two boxes answering one question: compared as a list
+        return None if _RETRACTION.search(text[stop:stop + 300]) else content
+    # 2. the last <answer>...</answer>
+    a = text.rfind("<answer>")
+    if a >= 0:
+        b = text.find("</answer>", a)
+        if b > a and b - a < MAX_ANSWER_CHARS:
+            content = text[a + 8:b].strip()
+            return content if content and not _RETRACTION.search(text[b:b + 300]) else None
+    # 3. the last "final answer is ...", "Answer: ...", "#### ..." phrase, up to the end of that sentence
+    last = None
+    for last in _ANSWER_PHRASE.finditer(text, max(0, len(text) - 20_000)):
+        pass
+    if last is not None:
+        answer, stop = _sentence_after(text, last.end())
+        answer = answer.strip().strip("*").strip()
+        if not answer or _HEDGE.search(answer) or _RETRACTION.search(text[stop:stop + 300]):
+            return None
+        return answer
+    # 4. the last number of the final sentence only (a last number from anywhere rewards truncated outputs)
+    lines = [line for line in text[-2000:].split("\n") if line.strip()]
+    if not lines:
+        return None
+    final = re.split(r"(?<=[.!?])\s+(?=\S)", lines[-1].strip())[-1]
+    if _HEDGE.search(final):
+        return None
+    letter = re.fullmatch(r"[*\s]*\(?([A-J])\)[*.\s]*", final)  # a lone "(B)" closing a multiple-choice answer
+    if letter:
+        return letter.group(1)
+    numbers = _NUMBER.findall(final)
+    return numbers[-1] if numbers else None
+
+
+_UNWRAP = re.compile(r"\\(?:text|textbf|textit|textnormal|mathbf|mathrm|mathit|mbox|operatorname)\s*\{([^{}]*)\}")
+_DROP = ("\\left", "\\right", "\\displaystyle", "\\!", "\\,", "\\;", "\\:", "\\ ", "{,}", "\\$", "$", "\\(", "\\)",
+         "\\[", "\\]", "^\\circ", "^{\\circ}", "\\circ", "°", "\\%", "%", "€", "£", "¥", "**")
+
+
+def normalize_answer(s):
+    """A canonical string for an answer: LaTeX noise, units, currency and thousands separators removed."""
+    s = str(s).strip()
+    for _ in range(3):  # \text{\textbf{x}}: unwrap nested wrappers
+        s = _UNWRAP.sub(r"\1", s)
+    for token in _DROP:
+        s = s.replace(token, "")
+    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace("π", "\\pi").replace("−", "-")
+    s = s.strip().rstrip(".").strip()
+    # unit words only at the end and only after a number ("5 cm^2" -> "5"; "north" stays "north")
+    s = re.sub(r"^(-?[\d.,/]*\d)\s*[a-zA-Z][a-zA-Z \t.]*(?:\^\{?[23]\}?)?$", r"\1", s)
+    s = re.sub(r"^(-?\d+)\s+(\d+)/(\d+)$", r"\1\\frac{\2}{\3}", s)  # mixed number "1 4/5"
+    s = re.sub(r"\s+", "", s)
+    s = re.sub(r"^[a-zA-Z](?:=|\\in)", "", s)  # "x=5", "x\in[1,2]"
+    if re.fullmatch(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?", s):  # thousands separators, never tuple commas
+        s = s.replace(",", "")
+    s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)  # \frac12
+    s = re.sub(r"\\frac\{([^{}]*)\}(\d)", r"\\frac{\1}{\2}", s)  # \frac{1}2
+    s = re.sub(r"\\frac(\d)\{", r"\\frac{\1}{", s)  # \frac1{2}
+    s = re.sub(r"\\sqrt(\d+)", r"\\sqrt{\1}", s)  # \sqrt2
+    return s.lower()
+
+
+_DEC = r"(-?)(\d*\.?\d+)"
+
+
+def to_number(s):
+    """Exact value of a normalised numeric answer (integer, decimal, a/b, \\frac{a}{b}, mixed, 0.\\overline{3}) or None."""
+    if len(s) > 60:
+        return None
+    try:
+        if re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)", s):
+            return Fraction(s)
+        m = re.fullmatch(r"(-?\d+)/(\d+)", s) or re.fullmatch(r"-?\\frac\{(-?\d+(?:\.\d+)?)\}\{(-?\d+(?:\.\d+)?)\}", s)
+        if m:
+            value = Fraction(m.group(1)) / Fraction(m.group(2))
+            return -value if s.startswith("-\\frac") else value
+        m = re.fullmatch(r"(-?)(\d+)\\frac\{(\d+)\}\{(\d+)\}", s)  # 1\frac{4}{5} = 1 + 4/5
+        if m:
+            value = int(m.group(2)) + Fraction(int(m.group(3)), int(m.group(4)))
+            return -value if m.group(1) else value
+        m = re.fullmatch(r"(-?)(\d*)\.(\d*)\\overline\{(\d+)\}", s)  # 0.1\overline{6} = 1/6
+        if m:
+            sign, whole, fixed, rep = m.groups()
+            value = Fraction(int(whole or 0)) + Fraction(int(fixed or 0), 10 ** len(fixed)) \
+                + Fraction(int(rep), (10 ** len(rep) - 1) * 10 ** len(fixed))
+            return -value if sign else value
+    except (ValueError, ZeroDivisionError):
+        return None
+    return None
+
+
+def _split_top(s):
+    """Split on commas outside brackets and braces."""
+    parts, depth, cur = [], 0, ""
+    for ch in s:
+        depth += 1 if ch in "([{" else -1 if ch in ")]}" else 0
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return parts + [cur]
+
+
+def _atom_equal(a, b):
+    if a == b:
+        return True
+    x, y = to_number(a), to_number(b)
+    return x is not None and x == y
+
+
+def answers_match(pred, gold):
+    """Compare two answers after normalisation: strings, exact rationals, tuples/intervals, unordered lists, letters."""
+    p, g = normalize_answer(pred), normalize_answer(gold)
+    if not p or not g:
+        return False
+    if re.fullmatch(r"[a-j]", g):  # multiple choice: only the letter may be compared
+        m = re.fullmatch(r"\(?([a-j])\)?[.:]?", p) or re.match(r"\(?([a-j])\)(?![a-z])", p)
+        return bool(m) and m.group(1) == g
+    if "=" in p and "=" not in g:  # "2+3=5": the right side, unless the gold is an equation itself
+        p = p.rsplit("=", 1)[1]
+    if _atom_equal(p, g):
+        return True
+    pb, gb = p[0] in "([{" and p[-1] in ")]}", g[0] in "([{" and g[-1] in ")]}"
+    if pb and gb:  # tuples and intervals: same brackets, element by element
+        if (p[0], p[-1]) != (g[0], g[-1]):
+            return False
+        ps, gs = _split_top(p[1:-1]), _split_top(g[1:-1])
+        return len(ps) > 1 and len(ps) == len(gs) and all(_atom_equal(a, b) for a, b in zip(ps, gs))
+    if not pb and not gb:  # unordered lists, "2, 3" vs "3, 2": multisets
+        ps, gs = _split_top(p), _split_top(g)
+        if len(ps) > 1 and len(ps) == len(gs):
+            rest = list(gs)
+            for a in ps:
+                hit = next((k for k, b in enumerate(rest) if _atom_equal(a, b)), None)
+                if hit is None:
+                    return False
+                rest.pop(hit)
+            return True
+    return False
+
+
+def grade(response, gold):
+    """True when the response commits to a final answer equal to `gold`."""
+    answer = extract_answer(response)
+    return answer is not None and len(answer) <= MAX_ANSWER_CHARS and answers_match(answer, gold)
+
+
+# ================================================================================================ 5. sampling
+# Rollouts are lists of token ids exactly as sampled (never decoded and re-encoded). A response ends at its
+# first stop token, which it keeps: EOS is part of the response, of its mask and of the loss.
+
+
+def stop_ids(tok, model):
+    """The token ids that end a turn: the tokenizer's EOS plus any the model's generation config adds."""
+    ids = {tok.eos_token_id}
+    extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(extra if isinstance(extra, (list, tuple)) else [extra])
+    ids.discard(None)
+    return sorted(ids)
+
+
+def left_pad(seqs, pad_id, device, width=None):
+    """[B, P] ids and mask, prompts aligned to the right so that generation continues every row at column P."""
+    width = max(width or 0, max(len(s) for s in seqs))
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def cut_at_stop(row, stops):
+    """The response up to and including its first stop token; finished = a stop token was sampled."""
+    for t, token in enumerate(row):
+        if token in stops:
+            return row[:t + 1], True
+    return row, False
+
+
+def filter_top_p(logits, top_p):
+    """Nucleus filtering written the way transformers' TopPLogitsWarper does it, so both samplers agree."""
+    sorted_logits, order = torch.sort(logits, descending=False)
+    drop = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p
+    drop[..., -1:] = False  # always keep the most likely token
+    return logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+
+
+def pick_tokens(logits, temperature, top_p):
+    """Next tokens from [B, V] float32 logits: greedy when temperature is 0, else the same draw as HF generate."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_p < 1:
+        logits = filter_top_p(logits, top_p)
+    return torch.multinomial(logits.softmax(-1), 1).squeeze(1)
+
+
+@torch.no_grad()
+def generate_plain(model, prompts, max_new, stops, pad_id, temperature, top_p):
+    """The reference sampler: transformers' generate with its dynamic KV cache, every option spelled out."""
+    ids, mask = left_pad(prompts, pad_id, model.device)
+    sample = temperature > 0
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, do_sample=sample,
+                         temperature=temperature if sample else None, top_p=top_p if sample else None,
+                         top_k=0 if sample else None, eos_token_id=stops, pad_token_id=pad_id,
+                         repetition_penalty=1.0, use_cache=True)
+    return out[:, ids.shape[1]:].tolist()
+
+
+# ---- the fast path: one preallocated static KV cache per (model, shape), a compiled one-token decode step
+# replayed as a CUDA graph. Shapes are fixed per role (batch and cache length come from the flags), so each
+# role compiles once per run. Rows that finish keep decoding (it costs nothing: decode is bound by reading
+# the weights) and the loop stops once every row has finished, checked every few steps to avoid syncs.
+_STATIC = {}
+
+
+def _cache_kwarg(model):
+    """transformers renamed `past_key_values` to `cache` in 5.2x; accept both."""
+    import inspect
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _static_decoder(model, batch, length):
+    """The static cache and compiled decode step of `model` for this shape. One shape per model is kept: a new
+    shape frees the old cache (memory) and compiles again (tens of seconds), so callers keep shapes fixed."""
+    entry = _STATIC.get(id(model))
+    if entry is None or entry["shape"] != (batch, length):
+        from transformers import StaticCache
+        _STATIC.pop(id(model), None)
+        cache, kw = StaticCache(config=model.config, max_cache_len=length), _cache_kwarg(model)
+
+        def step(tokens, positions, mask):  # [B, 1], [B, 1], [B, L] -> [B, V] float32
+            return model(input_ids=tokens, position_ids=positions, attention_mask=mask, use_cache=True,
+                         **{kw: cache}).logits[:, -1].float()
+
+        on_gpu = model.device.type == "cuda"
+        if on_gpu:
+            torch._dynamo.config.recompile_limit = max(64, torch._dynamo.config.recompile_limit)
+        entry = {"shape": (batch, length), "cache": cache, "kw": kw, "eager": step,
+                 "step": torch.compile(step, mode="reduce-overhead", dynamic=False) if on_gpu else step}
+        _STATIC[id(model)] = entry
+    return entry
+
+
+@torch.no_grad()
+def generate_static(model, prompts, max_new, stops, pad_id, temperature, top_p, batch=None, prompt_len=None):
+    """Same tokens as generate_plain for the same seed, over a static cache of `batch` rows x
+    (`prompt_len` + max_new) slots. Extra rows (batch > len(prompts)) are padding and are dropped."""
+    n = len(prompts)
+    batch, prompt_len = max(batch or n, n), max(prompt_len or 0, max(len(p) for p in prompts))
+    ids, mask = left_pad(prompts + [prompts[0]] * (batch - n), pad_id, model.device, width=prompt_len)
+    dec = _static_decoder(model, batch, prompt_len + max_new)
+    dec["cache"].reset()
+    full_mask = torch.cat([mask, mask.new_ones(batch, max_new)], 1)  # [B, L]: fixed, so one compiled graph
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, P]
+    logits = model(input_ids=ids, attention_mask=full_mask, position_ids=positions, use_cache=True,
+                   logits_to_keep=1, **{dec["kw"]: dec["cache"]}).logits[:, -1].float()
+    next_pos = mask.sum(-1, keepdim=True)  # [B, 1]: position of the first new token
+    stop_t = torch.tensor(stops, device=model.device)
+    out = torch.full((batch, max_new), pad_id, dtype=torch.long, device=model.device)
+    done = torch.zeros(batch, dtype=torch.bool, device=model.device)
+    for t in range(max_new):
+        token = torch.where(done, pad_id, pick_tokens(logits, temperature, top_p))
+        out[:, t] = token
+        done |= torch.isin(token, stop_t)
+        if t == max_new - 1 or (t % 16 == 15 and bool(done[:n].all())):
+            break
+        try:
+            logits = dec["step"](token[:, None], next_pos + t, full_mask)
+        except Exception as e:  # a model torch.compile cannot capture: decode eagerly, say so once
+            if dec["step"] is dec["eager"]:
+                raise
+            print(f"note: compiled decoding failed ({type(e).__name__}); decoding eagerly. --no-fast uses generate.")
+            dec["step"] = dec["eager"]
+            logits = dec["step"](token[:, None], next_pos + t, full_mask)
+        if dec["step"] is not dec["eager"]:
+            logits = logits.clone()  # a CUDA graph's output buffer is overwritten by its next replay
+    return out[:n].tolist()
+
+
+def generate(model, prompts, max_new, stops, pad_id, temperature, top_p, fast, batch=None, prompt_len=None):
+    """Responses (cut after their stop token) and finished flags for a batch of prompt id lists."""
+    if fast:
+        rows = generate_static(model, prompts, max_new, stops, pad_id, temperature, top_p, batch, prompt_len)
+    else:
+        rows = generate_plain(model, prompts, max_new, stops, pad_id, temperature, top_p)
+    cut = [cut_at_stop(r, set(stops)) for r in rows]
+    return [c[0] for c in cut], [c[1] for c in cut]
+
+
+# ================================================================================================ 6. teacher
+
+
+def guidance_pct(step, total_steps):
+    """METHOD.md's schedule: pct decays linearly 0.1 -> 0.01 over total_steps // 3 steps (1-based step), and
+    the teacher is off for good from the first step whose pct <= 0.06 (pct never rises, so checking this
+    step's value is enough)."""
+    q = max(1, total_steps // 3)
+    pct = 0.1 - 0.09 * min(step - 1, q) / q
+    return 0.0 if pct <= 0.06 else pct
+
+
+def select_for_guidance(finished, group_size, pct, rng):
+    """Per group, k = max(1, floor(|E| * pct)) rollouts drawn uniformly from the finished ones E.
+    Correctness plays no part: the teacher may confirm a right answer as well as correct a wrong one."""
+    if pct <= 0:
+        return []
+    chosen = []
+    for g in range(0, len(finished), group_size):
+        done = [i for i in range(g, g + group_size) if finished[i]]
+        if done:
+            chosen += sorted(rng.sample(done, max(1, math.floor(len(done) * pct))))
+    return chosen
+
+
+def parse_teacher(text):
+    """(opinion, reason, phrase) when the reply is exactly the three tagged parts in order, each non-empty;
+    else None. Plain string search: no regex to backtrack on a long reply. (The authors' format check never
+    rejected anything because of an unescaped regex; ours does.)"""
+    parts, rest = [], text.strip()
+    for tag in ("opinion", "reason", "phrase"):
+        open_, close = f"<{tag}>", f"</{tag}>"
+        if not rest.startswith(open_) or close not in rest:
+            return None
+        body, rest = rest[len(open_):].split(close, 1)
+        if not body.strip() or "<" + tag in body:
+            return None
+        parts.append(body.strip())
+        rest = rest.lstrip()
+    if rest or parts[0].lower() not in ("correct", "incorrect"):
+        return None
+    return parts[0].lower(), parts[1], parts[2]
+
+
+def splice(response, reason, phrase, tok, eos_id):
+    """Guided response ids: the student's response without its final EOS, then the teacher's reflection and
+    continuation as if the student had thought them, then EOS. Returns (ids, number of student tokens kept)."""
+    kept = response[:-1]  # the response is finished, so its last token is the stop token
+    teacher_ids = tok("\n\n" + reason + "\n\n" + phrase, add_special_tokens=False)["input_ids"]
+    return kept + teacher_ids + [eos_id], len(kept)
+
+
+# ================================================================================================ 7. rewards, advantages
+
+
+def reward(response_text, finished, gold):
+    """r = 1 when the response ended with EOS (decided from token ids) and its final answer equals the gold.
+    (The authors looked for EOS in text decoded without special tokens, so their reward was always 0.)"""
+    return float(finished and grade(response_text, gold))
+
+
+def group_advantages(rewards, group_size):
+    """A_i = (r_i - mean_j r_j) / (std_j r_j + 1e-6) within each group of G contiguous rollouts; std with
+    Bessel's correction. rewards: [N] -> [N]."""
+    r = rewards.view(-1, group_size)  # [N/G, G]
+    return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-6)).flatten()  # [N]
+
+
+# ================================================================================================ 8. loss
+
+
+def aas_gamma(adv):
+    """gamma(A) = clip(A / 4000, -0.001, 0.001). (The authors passed the clamp bounds in the wrong order,
+    which made gamma = -0.001 for every token; we follow the evident intent, this linear formula.)"""
+    return (adv / 4000).clamp(-1e-3, 1e-3)
+
+
+def policy_loss(logp, old_logp, adv, mask, guided, clip_eps=0.2, dual_clip=3.0):
+    """Token-mean ThinkTuning loss and its statistics.
+    logp, old_logp: [N, T] log-probs of the response tokens (logp with gradient); adv: [N];
+    mask: [N, T] 1 on response tokens (EOS included); guided: [N, T] 1 on tokens trained with AAS."""
+    mask, guided = mask.bool(), guided.bool()
+    A = adv[:, None].expand_as(logp)  # [N, T] advantage broadcast to every token
+    ratio = torch.exp(logp - old_logp)  # [N, T] rho
+    # unguided tokens: PPO with dual clip
+    l_clip = torch.maximum(-A * ratio, -A * ratio.clamp(1 - clip_eps, 1 + clip_eps))  # [N, T]
+    l_ppo = torch.where(A < 0, torch.minimum(l_clip, -A * dual_clip), l_clip)  # [N, T]
+    # guided tokens: Advantage-Aware Shaping, l = -A p / d with d = sg(p) + gamma(A), kept inside (0, 1]
+    p = logp.exp()  # [N, T] with gradient
+    p_sg = p.detach()  # [N, T]
+    d = p_sg + aas_gamma(A)  # [N, T]
+    d = torch.where(d < 0, p_sg / 1.0001, torch.where(d > 1, p_sg / 0.9999, d))  # [N, T]
+    l_aas = -A * p / d  # [N, T]; gradient -A * p/d * grad log p, unclipped
+    # routing: a guided token with A < 0 and sg(p) < 0.01 falls back to PPO
+    use_aas = guided & ~((A < 0) & (p_sg < 0.01))  # [N, T] M
+    l = torch.where(use_aas, l_aas, l_ppo)  # [N, T]
+    n_tok = mask.sum().clamp(min=1)
+    loss = torch.where(mask, l, 0.0).sum() / n_tok  # scalar: token mean, no KL, no entropy bonus
+    ppo_tok = mask & ~use_aas
+    aas_tok = mask & use_aas
+    with torch.no_grad():
+        clipped = (ratio - ratio.clamp(1 - clip_eps, 1 + clip_eps)).abs() > 0
+        stats = {"clip_frac": (clipped & ppo_tok).sum().item() / max(1, ppo_tok.sum().item()),
+                 "dual_clip_frac": ((A < 0) & (l_clip > -A * dual_clip) & ppo_tok).sum().item()
+                 / max(1, ppo_tok.sum().item()),
+                 "aas_tokens": aas_tok.sum().item(),
+                 "aas_weight": (p_sg / d)[aas_tok].mean().item() if aas_tok.any() else float("nan")}
+    return loss, stats
+
+
+def kl_k3(logp, ref_logp):
+    """k3 estimator of KL(pi_theta || pi_ref) per token: exp(ref - logp) - (ref - logp) - 1. [N, T] -> [N, T]"""
+    delta = ref_logp - logp
+    return delta.exp() - delta - 1
+
+
+def right_pad(seqs, pad_id, device):
+    """[N, L] ids and attention mask of full sequences (prompt + response), padded at the end, by length."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+    lengths = torch.tensor([len(s) for s in seqs])
+    mask = (torch.arange(width)[None] < lengths[:, None]).long()
+    return ids.to(device), mask.to(device)
+
+
+def _token_logp(head, h, target, temperature):
+    logits = head(h).float() / temperature  # [n, V]
+    return logits.gather(-1, target[:, None]).squeeze(-1) - logits.logsumexp(-1)  # [n]
+
+
+def response_logprobs(model, prompts, responses, temperature, pad_id, chunk=1024):
+    """[n, T] log pi(y_t | x, y_<t) / temperature-scaled, for every response token (0 past each response).
+    The LM head runs only on response positions, in chunks that are recomputed in the backward pass, so the
+    [n, L, V] float32 logits never exist at once. (Assumes a plain linear head: no logit soft-capping.)"""
+    ids, attn = right_pad([p + r for p, r in zip(prompts, responses)], pad_id, model.device)  # [n, L]
+    hidden = model.base_model(input_ids=ids, attention_mask=attn).last_hidden_state  # [n, L, H]
+    plen = torch.tensor([len(p) for p in prompts], device=model.device)  # [n]
+    rlen = torch.tensor([len(r) for r in responses], device=model.device)  # [n]
+    t = torch.arange(int(rlen.max()), device=model.device)  # [T]
+    mask = t[None] < rlen[:, None]  # [n, T]
+    src = (plen[:, None] + t[None] - 1).clamp(max=ids.shape[1] - 2)  # [n, T] position whose output predicts y_t
+    rows = torch.arange(len(prompts), device=model.device)[:, None]
+    h, target = hidden[rows, src][mask], ids[rows, src + 1][mask]  # [m, H], [m]
+    head = model.get_output_embeddings()
+    parts = []
+    for i in range(0, len(target), chunk):
+        args = (head, h[i:i + chunk], target[i:i + chunk], temperature)
+        parts.append(torch.utils.checkpoint.checkpoint(_token_logp, *args, use_reentrant=False)
+                     if torch.is_grad_enabled() else _token_logp(*args))
+    out = torch.zeros(mask.shape, device=model.device)  # [n, T]
+    out[mask] = torch.cat(parts)
+    return out
+
+
+# ================================================================================================ 9. training loop
+
+
+def load_tokenizer(name):
+    from transformers import AutoTokenizer
+    try:
+        tok = AutoTokenizer.from_pretrained(name)
+    except Exception as e:
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise UserError(f"could not load model {name!r}: not a local model folder and not reachable on the Hub "
+                        f"({msg}); check the name, the path or your network")
+    if tok.eos_token_id is None:
+        raise UserError(f"{name}: the tokenizer has no EOS token, so finished responses cannot be recognised")
+    return tok
+
+
+def load_model(name, args, trainable):
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=getattr(torch, args.dtype)).to(args.device)
+    if not trainable:
+        return model.eval().requires_grad_(False)
+    if args.device.startswith("cuda") and not args.no_grad_ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False  # training forwards; the samplers ask for a cache explicitly
+    return model
+
+
+def make_optimizer(model, args):
+    """AdamW over fp32 master weights. At lr 1e-6 a step moves a weight by ~1e-6, far below bf16's resolution
+    (~0.4% of the weight), so applied to bf16 weights every update would round to nothing. With float32
+    weights (CPU) the master weights are the model's own."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    master = params if params[0].dtype == torch.float32 else \
+        [p.detach().float().requires_grad_(True) for p in params]
+    opt = torch.optim.AdamW(master, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay,
+                            fused=args.device.startswith("cuda"))
+    return opt, params, master
+
+
+def optimizer_step(opt, params, master, grad_clip):
+    """Clip the gradient norm and step; a non-finite norm skips the step. Returns (norm, stepped)."""
+    if master is not params:
+        for p, m in zip(params, master):
+            m.grad, p.grad = (None if p.grad is None else p.grad.float()), None
+    norm = torch.nn.utils.clip_grad_norm_(master, grad_clip)
+    ok = bool(torch.isfinite(norm))
+    if ok:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    for p in params:
+        p.grad = None
+    if ok and master is not params:
+        with torch.no_grad():
+            for p, m in zip(params, master):
+                p.copy_(m)
+    return float(norm), ok
+
+
+REFLECTIVE = re.compile(r"\b(?:wait|let me check|let me verify|verify|double-check|double check|re-check)\b",
+                        re.IGNORECASE)
+
+
+def sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def guide(items, chosen, student_tok, teacher, teacher_tok, args):
+    """Teacher intervention on the chosen rollouts: one greedy batch, strict parsing, splicing.
+    Returns the number asked and the number whose reply passed the format check."""
+    queries = []
+    for i in chosen:
+        text = student_tok.decode(items[i]["response"], skip_special_tokens=True)
+        ids = render_chat(teacher_tok, teacher_messages(items[i]["question"], text))
+        if len(ids) <= args.teacher_max_prompt_len:  # a longer query stays unguided
+            queries.append((i, ids))
+    if not queries:
+        return 0, 0
+    t_stops = stop_ids(teacher_tok, teacher)
+    t_pad = teacher_tok.pad_token_id if teacher_tok.pad_token_id is not None else teacher_tok.eos_token_id
+    fast_batch = args.prompts_per_step * max(1, math.floor(args.group_size * 0.1))
+    replies, finished = generate(teacher, [q for _, q in queries], args.teacher_max_new_tokens, t_stops, t_pad,
+                                 0.0, 1.0, not args.no_fast, batch=fast_batch,
+                                 prompt_len=-(-max(len(q) for _, q in queries) // 512) * 512)
+    passed = 0
+    for (i, _), reply, done in zip(queries, replies, finished):
+        parsed = parse_teacher(teacher_tok.decode(reply, skip_special_tokens=True)) if done else None
+        if parsed is None:
+            continue
+        ids, n_student = splice(items[i]["response"], parsed[1], parsed[2], student_tok, student_tok.eos_token_id)
+        if len(ids) - n_student > args.teacher_text_max:  # feedback longer than the paper's 512 tokens
+            continue
+        passed += 1
+        items[i].update(response=ids, finished=True, guided=True, n_student=n_student,
+                        teacher_text=student_tok.decode(ids[n_student:], skip_special_tokens=True))
+    return len(queries), passed
+
+
+def update(model, items, old_logp, ref_logp, opt, params, master, args, pad_id, rng):
+    """One pass over the step's rollouts in --minibatches optimizer steps, micro-batched by --micro-batch."""
+    order = list(range(len(items)))
+    rng.shuffle(order)
+    size = len(items) // args.minibatches
+    stats, norms, skipped, losses = [], [], 0, []
+    model.train()
+    for mb in tqdm(range(args.minibatches), desc="update", leave=False):
+        rows = sorted(order[mb * size:(mb + 1) * size], key=lambda i: len(items[i]["response"]))  # less padding
+        n_tokens = sum(len(items[i]["response"]) for i in rows)
+        finite = True
+        for k in range(0, len(rows), args.micro_batch):
+            sub = rows[k:k + args.micro_batch]
+            logp = response_logprobs(model, [items[i]["prompt"] for i in sub], [items[i]["response"] for i in sub],
+                                     args.temperature, pad_id)  # [n, T]
+            T = logp.shape[1]
+            pad = lambda rows_: torch.stack([F.pad(r, (0, T - len(r))) for r in rows_])  # noqa: E731
+            old = pad([old_logp[i] for i in sub])  # [n, T]
+            mask = pad([torch.ones(len(items[i]["response"]), device=logp.device) for i in sub])  # [n, T]
+            guided = pad([guided_mask(items[i], args).to(logp.device) for i in sub])  # [n, T]
+            adv = torch.tensor([items[i]["adv"] for i in sub], device=logp.device)  # [n]
+            loss, st = policy_loss(logp, old, adv, mask, guided, args.clip_eps, args.dual_clip)
+            if args.kl_beta > 0:
+                kl = kl_k3(logp, pad([ref_logp[i] for i in sub]))  # [n, T]
+                loss = loss + args.kl_beta * (kl * mask).sum() / mask.sum()
+                st["kl"] = ((kl * mask).sum() / mask.sum()).item()
+            if not torch.isfinite(loss):
+                finite = False
+                break
+            (loss * mask.sum() / n_tokens).backward()  # micro-batch token sums add up to the mini-batch token mean
+            stats.append(st)
+            losses.append(loss.item() * mask.sum().item() / n_tokens)
+        if not finite:  # skip this update, keep training
+            opt.zero_grad(set_to_none=True)
+            for p in params:
+                p.grad = None
+            skipped += 1
+            continue
+        norm, ok = optimizer_step(opt, params, master, args.grad_clip)
+        norms.append(norm)
+        skipped += not ok
+    model.eval()
+    mean = lambda key: _nanmean([s[key] for s in stats if key in s])  # noqa: E731
+    return {"loss": sum(losses) / max(1, args.minibatches), "grad_norm": _nanmean(norms), "skipped_updates": skipped,
+            "clip_frac": mean("clip_frac"), "dual_clip_frac": mean("dual_clip_frac"),
+            "aas_weight": mean("aas_weight"), "aas_tokens": sum(s["aas_tokens"] for s in stats),
+            **({"kl": mean("kl")} if args.kl_beta > 0 else {})}
+
+
+def _nanmean(xs):
+    xs = [x for x in xs if x == x]
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def guided_mask(item, args):
+    """[T] 1 on the tokens trained with AAS: the whole guided response (authors' choice) or, with
+    --guide-teacher-tokens-only, the teacher-written tokens and the final EOS."""
+    m = torch.zeros(len(item["response"]))
+    if item.get("guided"):
+        m[item["n_student"] if args.guide_teacher_tokens_only else 0:] = 1
+    return m
+
+
+@torch.no_grad()
+def score_old(model, ref, items, args, pad_id):
+    """Old log-probs: the current student scores every final sequence (spliced ones too) once, before any
+    update, at the sampling temperature. The KL reference (when --kl-beta > 0) scores them too."""
+    old, refs = [], []
+    for k in range(0, len(items), args.micro_batch):
+        sub = items[k:k + args.micro_batch]
+        P, R = [it["prompt"] for it in sub], [it["response"] for it in sub]
+        lp = response_logprobs(model, P, R, args.temperature, pad_id)
+        old += [lp[j, :len(r)] for j, r in enumerate(R)]
+        if ref is not None:
+            lr = response_logprobs(ref, P, R, args.temperature, pad_id)
+            refs += [lr[j, :len(r)].to(lp.device) for j, r in enumerate(R)]
+    return old, refs
+
+
+def save_checkpoint(out, model, tok, opt, master, params, state):
+    """Write OUT/ckpt via a temporary folder and a rename: an interrupted save never destroys the last one."""
+    final, tmp, old = (os.path.join(out, name) for name in ("ckpt", "ckpt.tmp", "ckpt.old"))
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    torch.save({**state, "optimizer": opt.state_dict(), "master": None if master is params else master,
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+               os.path.join(tmp, "trainer_state.pt"))
+    if os.path.exists(final):
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+    os.rename(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def train(args):
+    problems = load_problems(args.train_data)  # data errors end the run before any model is loaded
+    os.makedirs(args.out, exist_ok=True)
+    ckpt = os.path.join(args.out, "ckpt")
+    resuming = args.resume is not None
+    if resuming and not os.path.exists(os.path.join(ckpt, "trainer_state.pt")):
+        raise UserError(f"--resume {args.resume}: no checkpoint at {ckpt}")
+    tok = load_tokenizer(ckpt if resuming else args.model)
+    teacher_tok = None if args.no_teacher else load_tokenizer(args.teacher) if args.teacher else tok
+    # the student's prompts, tokenised once; questions whose prompt is too long are skipped
+    for p in problems:
+        p["prompt"] = student_prompt(tok, p["question"])
+    skipped = sum(len(p["prompt"]) > args.max_prompt_len for p in problems)
+    problems = [p for p in problems if len(p["prompt"]) <= args.max_prompt_len]
+    if not problems:
+        raise UserError(f"every prompt of {args.train_data} is longer than --max-prompt-len {args.max_prompt_len}")
+
+    torch.manual_seed(args.seed)
+    student = load_model(ckpt if resuming else args.model, args, trainable=True).eval()
+    # the teacher: by default a frozen copy of the initial student (read from --model, also when resuming)
+    teacher = None if args.no_teacher else load_model(args.teacher or args.model, args, trainable=False)
+    ref = None
+    if args.kl_beta > 0:  # the frozen initial model is also the default teacher: no extra memory then
+        ref = teacher if teacher is not None and not args.teacher else load_model(args.model, args, trainable=False)
+    opt, params, master = make_optimizer(student, args)
+    rng = random.Random(args.seed)  # rollout selection and mini-batch order
+    state = {"step": 0, "cursor": 0, "py_rng": rng.getstate()}
+    if resuming:
+        saved = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False, map_location=args.device)
+        opt.load_state_dict(saved["optimizer"])
+        if saved["master"] is not None and master is not params:
+            with torch.no_grad():
+                for m, s in zip(master, saved["master"]):
+                    m.copy_(s)
+        torch.set_rng_state(saved["torch_rng"])
+        if saved["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(saved["cuda_rng"])
+        state = {k: saved[k] for k in ("step", "cursor", "py_rng")}
+        rng.setstate(state["py_rng"])
+        _truncate_metrics(args.out, state["step"])  # steps logged after the checkpoint are done again
+    with open(os.path.join(args.out, "args.json"), "w") as f:
+        json.dump(vars(args), f, indent=1)
+
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    stops = stop_ids(tok, student)
+    n_roll = args.prompts_per_step * args.group_size
+    n_params = sum(p.numel() for p in params)
+    cfg = student.config
+    kv_per_token = 2 * cfg.num_hidden_layers * getattr(cfg, "num_key_value_heads", cfg.num_attention_heads) \
+        * getattr(cfg, "head_dim", cfg.hidden_size // cfg.num_attention_heads) * student.dtype.itemsize
+    weights = n_params * (student.dtype.itemsize * 2 + 8 + (0 if master is params else 4))  # w, grad, Adam, master
+    print(f"{'ThinkTuning' if teacher is not None else 'vanilla GRPO'}: {len(problems)} questions"
+          f"{f' ({skipped} with prompts over --max-prompt-len skipped)' if skipped else ''}, "
+          f"{args.prompts_per_step} x {args.group_size} = {n_roll} rollouts per step, up to "
+          f"{n_roll * (args.max_prompt_len + args.max_new_tokens):,} tokens per step, "
+          f"{args.minibatches} optimizer steps of {n_roll // args.minibatches} rollouts")
+    print(f"student {n_params / 1e6:.0f}M parameters, {args.dtype} on {args.device}; memory estimate: "
+          f"{weights / 1e9:.1f} GB weights+grads+AdamW, "
+          f"{n_params * student.dtype.itemsize / 1e9 * (teacher is not None):.1f} GB teacher, "
+          f"{n_roll * (args.max_prompt_len + args.max_new_tokens) * kv_per_token / 1e9:.1f} GB student KV cache")
+
+    stop_requested = []
+    previous = signal.signal(signal.SIGINT, lambda *_: (stop_requested.append(1), signal.signal(
+        signal.SIGINT, signal.default_int_handler), print("\nCtrl-C: finishing this step, then saving "
+                                                          "(press again to quit without saving)")))
+    metrics_path, samples_path = (os.path.join(args.out, n) for n in ("metrics.jsonl", "samples.jsonl"))
+    try:
+        bar = tqdm(range(state["step"] + 1, args.steps + 1), desc="train", initial=state["step"], total=args.steps)
+        for step in bar:
+            # 1. prompts: B questions, G copies each, groups contiguous
+            batch = next_questions(problems, args.seed, state["cursor"], args.prompts_per_step)
+            state["cursor"] += args.prompts_per_step
+            items = [{"question": q["question"], "gold": q["gold"], "prompt": q["prompt"], "guided": False}
+                     for q in batch for _ in range(args.group_size)]
+            # 2. student rollouts, one batched call
+            t0 = sync(args.device)
+            responses, finished = generate(student, [it["prompt"] for it in items], args.max_new_tokens, stops,
+                                           pad_id, args.temperature, args.top_p, not args.no_fast, batch=n_roll,
+                                           prompt_len=args.max_prompt_len)
+            for it, r, f in zip(items, responses, finished):
+                it.update(response=r, finished=f)
+            t1 = sync(args.device)
+            # 3-5. teacher guidance on one finished rollout per group, while the schedule says so
+            pct = 0.0 if teacher is None else guidance_pct(step, args.schedule_steps)
+            chosen = select_for_guidance([it["finished"] for it in items], args.group_size, pct, rng)
+            asked, passed = guide(items, chosen, tok, teacher, teacher_tok, args) if chosen else (0, 0)
+            t2 = sync(args.device)
+            # 6-7. rewards and group advantages
+            for it in items:
+                it["text"] = tok.decode(it["response"], skip_special_tokens=True)
+                it["reward"] = reward(it["text"], it["finished"], it["gold"])
+            rewards = torch.tensor([it["reward"] for it in items])
+            for it, a in zip(items, group_advantages(rewards, args.group_size).tolist()):
+                it["adv"] = a
+            # 8. old log-probs, then 9. the update
+            old_logp, ref_logp = score_old(student, ref, items, args, pad_id)
+            t3 = sync(args.device)
+            upd = update(student, items, old_logp, ref_logp, opt, params, master, args, pad_id, rng)
+            t4 = sync(args.device)
+            state["step"], state["py_rng"] = step, rng.getstate()
+
+            guided = [it for it in items if it["guided"]]
+            own = [it for it in items if not it["guided"]]
+            spread = rewards.view(-1, args.group_size).std(1)
+            row = {"step": step, "reward": rewards.mean().item(),
+                   "reward_guided": _nanmean([it["reward"] for it in guided]),
+                   "reward_unguided": _nanmean([it["reward"] for it in own]),
+                   "zero_spread_groups": (spread == 0).float().mean().item(),
+                   "guidance_pct": pct, "n_selected": len(chosen), "teacher_asked": asked, "n_guided": len(guided),
+                   "teacher_format_pass": passed / asked if asked else float("nan"),
+                   "response_len": sum(len(it["response"]) for it in items) / len(items),
+                   "finished_frac": sum(it["finished"] for it in items) / len(items),
+                   "reflect_rate": _nanmean([float(bool(REFLECTIVE.search(it["text"]))) for it in own]),
+                   **upd, "t_student": t1 - t0, "t_teacher": t2 - t1, "t_logprob": t3 - t2, "t_update": t4 - t3}
+            if args.eval_every and step % args.eval_every == 0:
+                row.update(eval_during_training(student, tok, args, stops, pad_id))
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps({k: None if v != v else v for k, v in row.items()}) + "\n")  # NaN -> null
+            with open(samples_path, "a") as f:
+                for it in (guided + own)[:args.log_samples]:
+                    n_s = it.get("n_student", len(it["response"]))
+                    f.write(json.dumps({"step": step, "question": it["question"], "gold": it["gold"],
+                                        "reward": it["reward"], "guided": it["guided"],
+                                        "student": tok.decode(it["response"][:n_s], skip_special_tokens=True),
+                                        "teacher": it.get("teacher_text")}) + "\n")
+            bar.set_postfix(reward=f"{row['reward']:.3f}", guided=len(guided), loss=f"{upd['loss']:.4f}")
+            if step % args.save_every == 0 or step == args.steps or stop_requested:
+                save_checkpoint(args.out, student, tok, opt, master, params, state)
+            if stop_requested:
+                print(f"stopped after step {step}; continue with: python thinktuning.py --resume {args.out}")
+                break
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return student, tok
+
+
+def _truncate_metrics(out, step):
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        path = os.path.join(out, name)
+        if os.path.exists(path):
+            lines = [line for line in open(path) if line.strip() and json.loads(line)["step"] <= step]
+            open(path, "w").writelines(lines)
+
+
+# ================================================================================================ 10. evaluation
+# name -> (Hub dataset, config, split). A path to a local file with the same fields works in place of a name.
+BENCHMARKS = {"gsm8k": ("openai/gsm8k", "main", "test"),
+              "math500": ("HuggingFaceH4/MATH-500", None, "test"),
+              "aime24": ("HuggingFaceH4/aime_2024", None, "train"),
+              "aime25": ("math-ai/aime25", None, "test"),
+              "gpqa": ("Idavidrein/gpqa", "gpqa_diamond", "train")}
+GPQA_INSTRUCTION = "\n\nAnswer with the letter of the correct option, A, B, C or D, as your final answer."
+# The paper's Table 1 (Llama-3.2-3B-Instruct), for comparison in the README's table.
+PAPER = {"math500": {"grpo": 45.46, "thinktuning": 47.54}, "gpqa": {"grpo": 24.19, "thinktuning": 28.18}}
+
+
+def gpqa_item(row):
+    """Four options shuffled with a seed fixed per question (the same order on every run and machine)."""
+    options = [row["Correct Answer"]] + [row[f"Incorrect Answer {k}"] for k in (1, 2, 3)]
+    order = list(range(4))
+    random.Random(zlib.crc32(row["Question"].encode())).shuffle(order)
+    letters = "ABCD"
+    text = row["Question"].strip() + "\n\n" + "\n".join(
+        f"({letters[j]}) {str(options[o]).strip()}" for j, o in enumerate(order))
+    return {"question": text + GPQA_INSTRUCTION, "gold": letters[order.index(0)]}
+
+
+def load_benchmark(name, limit=None):
+    """[{'question', 'gold'}] for a benchmark name or a local file; GPQA rows become lettered questions."""
+    if name in BENCHMARKS:
+        hub, config, split = BENCHMARKS[name]
+        try:
+            rows = _read_table(hub, split, config)
+        except UserError as e:
+            if name == "gpqa":
+                raise UserError("GPQA-Diamond is gated on the Hub: accept its terms on the dataset page of "
+                                "Idavidrein/gpqa, run `hf auth login`, or pass a local file in its place")
+            raise e
+    else:
+        rows = _read_table(name, "train")
+    if not rows:
+        raise UserError(f"{name}: no rows")
+    if "Correct Answer" in rows[0]:
+        items = [gpqa_item(r) for r in rows]
+    else:
+        keys = set(rows[0])
+        qkey = next((k for k in ("question", "problem") if k in keys), None)
+        if qkey is None or "answer" not in keys:
+            raise UserError(f"{name}: rows need 'question' or 'problem' plus 'answer' fields (or GPQA's "
+                            f"'Question', 'Correct Answer', 'Incorrect Answer 1-3'); found {sorted(keys)}")
+        items = [{"question": r[qkey], "gold": gold_from_answer(r["answer"])} for r in rows]
+    return items[:limit] if limit else items
+
+
+def pass_at_k(n, c, k):
+    """Unbiased pass@k from n samples with c correct: 1 - C(n-c, k) / C(n, k)."""
+    return 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def evaluate(model, tok, items, args, stops, pad_id, batch_size, max_new, desc="eval"):
+    """Generate for every item (k samples each), grade, and return (summary, predictions)."""
+    k = args.eval_samples
+    temperature = args.eval_temperature if k > 1 else 0.0
+    prompts = [student_prompt(tok, it["question"]) for it in items]
+    order = sorted(range(len(items)), key=lambda i: (len(prompts[i]), i))  # similar lengths share a batch
+    prompt_len = -(-max(len(p) for p in prompts) // 64) * 64  # one static shape for the whole benchmark
+    preds = []
+    for b in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
+        idx = [i for i in order[b:b + batch_size] for _ in range(k)]
+        responses, finished = generate(model, [prompts[i] for i in idx], max_new, stops, pad_id, temperature,
+                                       1.0, not args.no_fast, batch=batch_size * k, prompt_len=prompt_len)
+        for j, (i, r, f) in enumerate(zip(idx, responses, finished)):
+            text = tok.decode(r, skip_special_tokens=True)
+            preds.append({"index": i, "sample": j % k, "question": items[i]["question"], "gold": items[i]["gold"],
+                          "response": text, "extracted": extract_answer(text),
+                          "correct": bool(f and grade(text, items[i]["gold"])), "finished": f, "length": len(r)})
+    preds.sort(key=lambda p: (p["index"], p["sample"]))
+    correct = [sum(p["correct"] for p in preds if p["index"] == i) for i in range(len(items))]
+    summary = {"n": len(items), "samples": k, "accuracy": 100 * sum(c / k for c in correct) / len(items),
+               "mean_length": sum(p["length"] for p in preds) / len(preds),
+               "truncated_pct": 100 * sum(not p["finished"] for p in preds) / len(preds)}
+    if k > 1:
+        summary[f"pass@{k}"] = 100 * sum(pass_at_k(k, c, k) for c in correct) / len(items)
+    return summary, preds
+
+
+def eval_table(results):
+    keys = sorted({key for r in results.values() for key in r if key.startswith("pass@")})
+    head = "| benchmark | n | accuracy (pass@1, %) | " + "".join(f"{key} (%) | " for key in keys) + \
+        "mean length (tokens) | truncated (%) |"
+    lines = [head, "|" + "---|" * (5 + len(keys))]
+    for name, r in results.items():
+        lines.append(f"| {name} | {r['n']} | {r['accuracy']:.2f} | " + "".join(f"{r[key]:.2f} | " for key in keys)
+                     + f"{r['mean_length']:.0f} | {r['truncated_pct']:.1f} |")
+    return "\n".join(lines)
+
+
+def run_eval(args):
+    names = [n.strip() for n in args.eval.split(",") if n.strip()]
+    sets = {(n if n in BENCHMARKS else os.path.splitext(os.path.basename(n))[0]): load_benchmark(n, args.eval_limit)
+            for n in names}  # every set is checked before the model is loaded
+    tok = load_tokenizer(args.model)
+    model = load_model(args.model, args, trainable=False)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    stops = stop_ids(tok, model)
+    os.makedirs(args.out, exist_ok=True)
+    results, all_preds = {}, []
+    for name, items in sets.items():
+        results[name], preds = evaluate(model, tok, items, args, stops, pad_id, args.eval_batch_size,
+                                        args.eval_max_new_tokens or args.max_new_tokens, desc=name)
+        all_preds += [{"benchmark": name, **p} for p in preds]
+    with open(os.path.join(args.out, "eval.json"), "w") as f:
+        json.dump({"model": args.model, "samples": args.eval_samples, "temperature": args.eval_temperature,
+                   "results": results}, f, indent=1)
+    with open(os.path.join(args.out, "eval_samples.jsonl"), "w") as f:
+        f.writelines(json.dumps(p) + "\n" for p in all_preds)
+    print(eval_table(results))
+    return results
+
+
+def eval_during_training(model, tok, args, stops, pad_id):
+    """--eval-every: accuracy on a held-out slice, in the rollout sampler's shape (no second compilation)."""
+    if not hasattr(eval_during_training, "items"):
+        eval_during_training.items = load_benchmark(args.eval_data, args.eval_every_limit)
+    saved = args.eval_samples
+    args.eval_samples = 1
+    summary, _ = evaluate(model, tok, eval_during_training.items, args, stops, pad_id,
+                          args.prompts_per_step * args.group_size, args.max_new_tokens, desc="eval")
+    args.eval_samples = saved
+    return {"eval_accuracy": summary["accuracy"], "eval_truncated_pct": summary["truncated_pct"]}
+
+
+# ================================================================================================ 11. main
+
+
+def resume_args(parser, argv):
+    """--resume OUT: the saved settings of that run, overridden by the flags given on this command line."""
+    args = parser.parse_args(argv)
+    path = os.path.join(args.resume, "args.json")
+    if not os.path.exists(path):
+        raise UserError(f"--resume {args.resume}: no args.json there (is it the --out folder of a run?)")
+    given = {a.dest for a in parser._actions for tok in argv if tok.split("=")[0] in a.option_strings}
+    saved = json.load(open(path))
+    merged = {**saved, **{k: v for k, v in vars(args).items() if k in given}}
+    merged["out"], merged["resume"] = args.resume, args.resume
+    return argparse.Namespace(**{**vars(args), **merged})
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.resume:
+            args = resume_args(parser, argv)
+        check_args(args)
+        if args.eval:
+            run_eval(args)
+        else:
+            train(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except torch.cuda.OutOfMemoryError:
+        print("error: out of GPU memory: lower --micro-batch (update), or --prompts-per-step, --max-new-tokens "
+              "or --eval-batch-size (sampling)", file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
