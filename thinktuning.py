@@ -364,7 +364,7 @@ def extract_answer(text):
 
 
 _UNWRAP = re.compile(r"\\(?:text|textbf|textit|textnormal|mathbf|mathrm|mathit|mbox|operatorname)\s*\{([^{}]*)\}")
-_DROP = ("\\left", "\\right", "\\displaystyle", "\\!", "\\,", "\\;", "\\:", "\\ ", "{,}", "\\$", "$", "\\(", "\\)",
+_DROP = ("\\left", "\\right", "\\displaystyle", "\\!", "\\,", "\\;", "\\:", "{,}", "\\$", "$", "\\(", "\\)",
          "\\[", "\\]", "^\\circ", "^{\\circ}", "\\circ", "°", "\\%", "%", "€", "£", "¥", "**")
 
 
@@ -373,6 +373,7 @@ def normalize_answer(s):
     s = str(s).strip()
     for _ in range(3):  # \text{\textbf{x}}: unwrap nested wrappers
         s = _UNWRAP.sub(r"\1", s)
+    s = re.sub(r"(?<!\\)\\ ", " ", s)  # "\ " is a space, but "\\ " is a matrix row break
     for token in _DROP:
         s = s.replace(token, "")
     s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace("π", "\\pi").replace("−", "-")
@@ -450,6 +451,9 @@ def answers_match(pred, gold):
         return bool(m) and m.group(1) == g
     if "=" in p and "=" not in g:  # "2+3=5": the right side, unless the gold is an equation itself
         p = p.rsplit("=", 1)[1]
+    p, g = (s[1:-1] if s[:1] == "(" and s[-1:] == ")" and len(_split_top(s[1:-1])) == 1 else s for s in (p, g))
+    if not p or not g:
+        return False
     if _atom_equal(p, g):
         return True
     pb, gb = p[0] in "([{" and p[-1] in ")]}", g[0] in "([{" and g[-1] in ")]}"
@@ -593,7 +597,9 @@ def generate_static(model, prompts, max_new, stops, pad_id, temperature, top_p, 
     out = torch.full((batch, max_new), pad_id, dtype=torch.long, device=model.device)
     done = torch.zeros(batch, dtype=torch.bool, device=model.device)
     for t in range(max_new):
-        token = torch.where(done, pad_id, pick_tokens(logits, temperature, top_p))
+        token = torch.full((batch,), pad_id, dtype=torch.long, device=model.device)
+        token[:n] = pick_tokens(logits[:n], temperature, top_p)  # padding rows draw nothing: same RNG use as plain
+        token = torch.where(done, pad_id, token)
         out[:, t] = token
         done |= torch.isin(token, stop_t)
         if t == max_new - 1 or (t % 16 == 15 and bool(done[:n].all())):

@@ -1,0 +1,780 @@
+"""Tests for thinktuning.py: CPU only, offline, tiny models built in code.
+
+Expected values are worked out by hand (or by an independent formula written here), never taken from the
+function under test.
+"""
+import json
+import math
+import os
+import random
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers  # noqa: E402
+from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast  # noqa: E402
+
+import thinktuning as tt  # noqa: E402
+
+torch.set_num_threads(2)
+
+# --------------------------------------------------------------------------------------------- fixtures
+CHAT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+TAGS = ["<opinion>", "</opinion>", "<reason>", "</reason>", "<phrase>", "</phrase>"]
+WORDS = ["<unk>", "user", "assistant", "system", "correct", "incorrect", "checked", "answer", "the", "is", "so",
+         "wait", "boxed", "\\", "{", "}", ".", ",", ":", "+", "-", "=", "x"] + [str(d) for d in range(10)] \
+    + [f"w{i}" for i in range(60)]
+# The reply a "bigram" model writes greedily after the assistant header: a well-formed teacher reply.
+CHAIN = ["assistant", "<opinion>", "correct", "</opinion>", "<reason>", "checked", "</reason>", "<phrase>", "so",
+         "\\", "boxed", "{", "5", "}", "</phrase>", "<|im_end|>"]
+
+
+def make_tokenizer():
+    """Word-level tokenizer with a ChatML template; pad == EOS on purpose (as in many real models)."""
+    vocab = {w: i for i, w in enumerate(["<|im_start|>", "<|im_end|>"] + WORDS)}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.decoder = decoders.Fuse()
+    tk.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    tk.add_tokens([AddedToken(t, special=False, normalized=False) for t in TAGS])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|im_end|>",
+                                   unk_token="<unk>", chat_template=CHAT)
+
+
+def make_model(tok, seed=0):
+    # Llama: AutoTokenizer maps qwen2 folders to Qwen2Tokenizer, which would swap in its own pre-tokenizer
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                      tie_word_embeddings=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                      bos_token_id=None)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    return model
+
+
+def make_bigram_model(tok, scale=0.25):
+    """A real transformer whose layers write nothing (zeroed output projections), so its next-token logits
+    depend on the current token only; the LM head is set so that CHAIN is its most likely path. Greedy, it
+    writes a valid teacher reply; sampled at T=1, it does so about 80% of the time."""
+    model = make_model(tok)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        head = model.lm_head.weight
+        head.zero_()
+        hidden = model.model.norm(model.model.embed_tokens.weight)  # what reaches the head for each token
+        ids = tok.convert_tokens_to_ids(CHAIN)
+        for a, b in zip(ids, ids[1:]):
+            head[b] += scale * hidden[a]
+    return model
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory, tok):
+    root = tmp_path_factory.mktemp("models")
+    for name, model in (("random", make_model(tok)), ("bigram", make_bigram_model(tok))):
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+    return {"random": str(root / "random"), "bigram": str(root / "bigram")}
+
+
+@pytest.fixture(scope="module")
+def train_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    rows = [{"question": f"w{i} is 2 + 3", "answer": f"w{i} w{i + 1}\n#### {5 if i % 2 == 0 else 7}"}
+            for i in range(6)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def run(argv):
+    return tt.main([str(a) for a in argv])
+
+
+# --------------------------------------------------------------------------------------------- grader
+# (response, gold, expected). Our own cases across GRADER.md's categories, right and wrong.
+GRADER_CASES = [
+    # boxed answers, nested braces
+    ("So the total is 18 + 4 = 22.\n\n\\boxed{22}", "22", True),
+    ("The sum is \\boxed{21}.", "22", False),
+    ("Thus $x = \\boxed{\\frac{1}{2}}$.", "\\frac{1}{2}", True),
+    ("Thus $x = \\boxed{\\frac{1}{3}}$.", "\\frac{1}{2}", False),
+    ("\\boxed{\\frac{\\sqrt{3}}{2}}", "\\frac{\\sqrt{3}}{2}", True),
+    ("\\boxed{\\dfrac{\\sqrt3}{2}}", "\\frac{\\sqrt{3}}{2}", True),
+    ("\\boxed{\\frac{\\sqrt{2}}{2}}", "\\frac{\\sqrt{3}}{2}", False),
+    ("The answer is $\\boxed 7$.", "7", True),
+    ("The answer is $\\boxed 8$.", "7", False),
+    ("\\fbox{42}", "42", True),
+    ("First I thought \\boxed{10}, but recomputing gives \\boxed{12}.\n\nSo the answer is \\boxed{12}.", "12", True),
+    ("First I thought \\boxed{10}, but recomputing gives\n\n\\boxed{12}", "10", False),
+    ("\\boxed{}", "0", False),
+    ("\\boxed{ }", "0", False),
+    ("the area is \\boxed{10\\sqrt{2}}", "10\\sqrt{2}", True),
+    ("the area is \\boxed{10\\sqrt2}", "10\\sqrt{2}", True),
+    ("the area is \\boxed{10\\sqrt{3}}", "10\\sqrt{2}", False),
+    ("\\boxed{\\text{Evelyn}}", "\\text{Evelyn}", True),
+    ("\\boxed{\\text{Evelyn}}", "Evelyn", True),
+    ("\\boxed{\\text{Alice}}", "Evelyn", False),
+    ("\\boxed{x^2 + 2x + 1}", "x^2+2x+1", True),
+    ("\\boxed{x^2 + 2x - 1}", "x^2+2x+1", False),
+    # equivalent numbers: 1/2 vs 0.5 vs \frac12, and near misses
+    ("\\boxed{0.5}", "\\frac{1}{2}", True),
+    ("\\boxed{\\frac12}", "0.5", True),
+    ("\\boxed{1/2}", "\\frac{1}{2}", True),
+    ("\\boxed{0.05}", "0.5", False),
+    ("\\boxed{0.5}", "0.05", False),
+    ("\\boxed{.5}", "0.5", True),
+    ("\\boxed{2.50}", "2.5", True),
+    ("\\boxed{2.05}", "2.5", False),
+    ("\\boxed{-\\frac{3}{4}}", "-0.75", True),
+    ("\\boxed{\\frac{-3}{4}}", "-\\frac{3}{4}", True),
+    ("\\boxed{\\frac{3}{4}}", "-\\frac{3}{4}", False),
+    ("\\boxed{1\\frac{4}{5}}", "\\frac{9}{5}", True),
+    ("\\boxed{1 4/5}", "1.8", True),
+    ("\\boxed{1\\frac{4}{5}}", "\\frac{4}{5}", False),
+    ("\\boxed{0.\\overline{3}}", "\\frac{1}{3}", True),
+    ("\\boxed{0.1\\overline{6}}", "\\frac{1}{6}", True),
+    ("\\boxed{0.33}", "\\frac{1}{3}", False),
+    ("\\boxed{3.14}", "\\pi", False),
+    ("\\boxed{\\frac{1}{2^{98}}}", "\\frac{1}{2^{99}}", False),
+    ("\\boxed{\\frac{1}{2^{99}}}", "\\frac{1}{2^{99}}", True),
+    ("\\boxed{10}", "10.0", True),
+    ("\\boxed{100}", "10", False),
+    ("\\boxed{1e3}", "1000", False),  # not a form we accept: when unsure, wrong
+    # thousands separators vs tuple commas
+    ("She earns \\boxed{1,234} dollars.", "1234", True),
+    ("She earns \\boxed{1{,}234} dollars.", "1234", True),
+    ("She earns \\boxed{12,34} dollars.", "1234", False),
+    ("The total is $1,000,000.", "1000000", True),
+    ("The total is $1,000,001.", "1000000", False),
+    ("\\boxed{(1,2)}", "(1,2)", True),
+    ("\\boxed{(1, 2)}", "(1,2)", True),
+    ("\\boxed{(2,1)}", "(1,2)", False),
+    ("\\boxed{(1,234)}", "(1,234)", True),
+    ("\\boxed{(1,234)}", "1234", False),
+    # tuples vs intervals
+    ("\\boxed{(1,2]}", "(1,2]", True),
+    ("\\boxed{(1,2]}", "(1,2)", False),
+    ("\\boxed{[1,2)}", "(1,2)", False),
+    ("\\boxed{[-1, \\frac{1}{2}]}", "[-1,0.5]", True),
+    ("\\boxed{(-\\infty, 3)}", "(-\\infty,3)", True),
+    ("\\boxed{(-\\infty, 3]}", "(-\\infty,3)", False),
+    ("\\boxed{x \\in [2, 5]}", "[2,5]", True),
+    # unordered lists
+    ("The solutions are \\boxed{3, -2}.", "-2, 3", True),
+    ("The solutions are \\boxed{3, 2}.", "-2, 3", False),
+    ("The solutions are \\boxed{3}.", "-2, 3", False),
+    ("The solutions are $\\boxed{-2}$ and $\\boxed{3}$.", "-2,3", True),
+    # units, degrees, percent, currency
+    ("The angle measures \\boxed{90^\\circ}.", "90", True),
+    ("The angle measures \\boxed{90^{\\circ}}.", "90", True),
+    ("The angle measures \\boxed{45^\\circ}.", "90", False),
+    ("\\boxed{25\\%}", "25", True),
+    ("\\boxed{25\\%}", "0.25", False),
+    ("\\boxed{\\$18.00}", "18", True),
+    ("\\boxed{\\$18.50}", "18", False),
+    ("\\boxed{12 \\text{ cm}^2}", "12", True),
+    ("\\boxed{12\\mbox{ inches}}", "12", True),
+    ("\\boxed{13 \\text{ cm}}", "12", False),
+    ("The answer is 5 apples.", "5", True),
+    ("The answer is 6 apples.", "5", False),
+    ("\\boxed{\\text{north}}", "north", True),
+    ("\\boxed{\\text{North}}", "north", True),
+    ("\\boxed{\\text{south}}", "north", False),
+    # equations: the right side, unless the gold is an equation
+    ("\\boxed{x = 5}", "5", True),
+    ("\\boxed{x=6}", "5", False),
+    ("\\boxed{2 + 3 = 5}", "5", True),
+    ("\\boxed{y = 2x + 3}", "y=2x+3", True),
+    ("\\boxed{y = 2x + 4}", "y=2x+3", False),
+    ("\\boxed{k = -\\frac{1}{2}}", "-\\frac12", True),
+    # <answer> tags and answer phrases
+    ("<think>2+2</think><answer>4</answer>", "4", True),
+    ("<answer>5</answer>", "4", False),
+    ("After adding everything, the final answer is 72.", "72", True),
+    ("After adding everything, the final answer is 73.", "72", False),
+    ("Final Answer: 1,080", "1080", True),
+    ("Final Answer: $\\frac{3}{5}$", "0.6", True),
+    ("Final Answer: $\\frac{3}{5}$", "0.5", False),
+    ("So the answer is:\n\n15", "15", True),
+    ("The answer is 18. I hope this helps!", "18", True),
+    ("The answer is $18.50. That is what she pays.", "18.5", True),
+    ("The answer is 3.5 hours.", "3.5", True),
+    ("The answer is 35 hours.", "3.5", False),
+    ("Natalia sold 48 + 24 = 72 clips.\n#### 72", "72", True),
+    ("Natalia sold 48 + 24 = 72 clips.\n#### 71", "72", False),
+    ("**Final Answer:** **42**", "42", True),
+    # last-number fallback: only from the final sentence or line
+    ("She buys 3 packs of 4 pens. 3 * 4 = 12 pens in total.", "12", True),
+    ("She buys 3 packs of 4 pens. So she has 12 pens.", "13", False),
+    ("She buys 3 packs of 4 pens, so 3 * 4 = 12.\nThat means she has", "12", False),
+    ("There are 12 eggs in a dozen. Then she", "12", False),
+    ("She starts with 20 apples and gives away 5.\n\nLet me set up the equation", "15", False),
+    ("Step 1: 20 - 5 = 15\nStep 2: 15 * 2 = 30", "30", True),
+    ("", "5", False),
+    ("I am not sure how to solve this.", "5", False),
+    # hedges and retractions
+    ("The answer is 18 or 20.", "18", False),
+    ("The answer is 18 or 20.", "20", False),
+    ("It is either \\boxed{18} or \\boxed{20}.", "18", False),
+    ("So x is \\boxed{4} or \\boxed{5}", "5", False),
+    ("The answer is \\boxed{12}. Wait, that's wrong, I double counted.", "12", False),
+    ("The answer is 12. Actually, I made a mistake in step 2.", "12", False),
+    ("The answer is \\boxed{12}. Hold on, I made an error.", "12", False),
+    ("Wait, I made a mistake earlier. Recomputing: the answer is \\boxed{14}.", "14", True),
+    ("The answer is \\boxed{12}.\n\nLet me double check: 3 * 4 = 12. Yes.", "12", True),
+    ("The answer is \\boxed{12}.", "12.0", True),
+    ("The answer is \\boxed{12.5}.", "12", False),
+    # truncated inside a box
+    ("Therefore the answer is \\boxed{\\frac{1}{2", "\\frac{1}{2}", False),
+    ("Therefore the answer is \\boxed{3", "3", False),
+    # multiple choice letters (GPQA style)
+    ("Comparing the options, the answer is (B).", "B", True),
+    ("Comparing the options, the answer is (C).", "B", False),
+    ("Reasoning...\n\nAnswer: B", "B", True),
+    ("Reasoning...\n\nAnswer: D", "B", False),
+    ("**Answer: C**", "C", True),
+    ("**Answer: A**", "C", False),
+    ("\\boxed{B}", "B", True),
+    ("\\boxed{\\text{(B)}}", "B", True),
+    ("\\boxed{(D)}", "B", False),
+    ("The correct option is B) 42 kJ.", "B", True),
+    ("Final answer: b", "B", True),
+    ("Because B is a base and A is an acid, C must be right.\n\nThe answer is (C).", "C", True),
+    ("Because B is a base and A is an acid.", "B", False),  # a letter in the text is not an answer
+    ("Option A seems plausible, and so does B.", "A", False),
+    ("The final answer is \\boxed{A}", "B", False),
+    ("After careful thought:\n(A)", "A", True),
+    ("After careful thought:\n(A)", "D", False),
+    # GSM8K-style full outputs
+    ("Janet's ducks lay 16 eggs per day. She eats 3 and bakes with 4, so 16 - 3 - 4 = 9 eggs remain. She sells "
+     "them at $2 each, so she makes 9 * 2 = $18.\n\n\\boxed{18}", "18", True),
+    ("Janet's ducks lay 16 eggs per day. She eats 3 and bakes with 4, so 16 - 3 - 4 = 9 eggs remain. She sells "
+     "them at $2 each, so she makes 9 * 2 = $18.\n\n\\boxed{16}", "18", False),
+    ("A robe takes 2 bolts of blue fiber and half that much white fiber. 2 / 2 = 1 bolt of white. Total: 2 + 1 = "
+     "3 bolts.\nThe answer is 3.", "3", True),
+    ("He bought the house for $80,000 and put in $50,000 of repairs, so the cost is $130,000. The value went "
+     "up to 80,000 * 2.5 = $200,000, so the profit is 200,000 - 130,000 = \\boxed{\\$70,000}.", "70000", True),
+    ("He bought the house for $80,000 and put in $50,000 of repairs, so the cost is $130,000. The value went "
+     "up to 80,000 * 2.5 = $200,000, so the profit is \\boxed{\\$200,000}.", "70000", False),
+    # MATH-style
+    ("Completing the square, $(x-3)^2 + (y+1)^2 = 4$, so the center is $\\boxed{(3, -1)}$.", "(3,-1)", True),
+    ("Completing the square, the center is $\\boxed{(-3, 1)}$.", "(3,-1)", False),
+    ("The remainder is $\\boxed{\\textbf{(4)}}$", "4", True),
+    ("So $a+b = \\boxed{\\left( \\frac{1}{2}, 3 \\right)}$", "(\\frac{1}{2},3)", True),
+    ("The matrix is $\\boxed{\\begin{pmatrix} 1 & 2 \\\\ 3 & 4 \\end{pmatrix}}$.",
+     "\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}", True),
+    ("The matrix is $\\boxed{\\begin{pmatrix} 1 & 2 \\\\ 4 & 3 \\end{pmatrix}}$.",
+     "\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}", False),
+    ("The base is $\\boxed{2516_8}$.", "2516_8", True),
+    ("The base is $\\boxed{2561_8}$.", "2516_8", False),
+    # AIME-style integers
+    ("Therefore $m+n = \\boxed{033}$.", "33", True),
+    ("Therefore $m+n = \\boxed{330}$.", "33", False),
+    ("Therefore $m+n = 204$.", "204", True),
+]
+
+
+@pytest.mark.parametrize("response,gold,expected", GRADER_CASES)
+def test_grade_cases(response, gold, expected):
+    assert tt.grade(response, gold) is expected
+
+
+def test_grader_case_balance():
+    right = sum(e for *_, e in GRADER_CASES)
+    assert len(GRADER_CASES) >= 150 and 0.4 < right / len(GRADER_CASES) < 0.6
+
+
+def test_extract_answer_uses_brace_counting():
+    assert tt.extract_answer("so \\boxed{\\frac{a}{b^{2}}} done") == "\\frac{a}{b^{2}}"
+    assert tt.extract_answer("\\boxed{1}.\n\nSo \\boxed{\\{2, 3\\}}") == "\\{2, 3\\}"
+
+
+def test_normalize_answer_rules():
+    assert tt.normalize_answer("\\left( 1,2 \\right)") == "(1,2)"
+    assert tt.normalize_answer("\\$1,234.50") == "1234.50"
+    assert tt.normalize_answer("\\tfrac12") == "\\frac{1}{2}"
+    assert tt.normalize_answer("x = \\sqrt2") == "\\sqrt{2}"
+    assert tt.normalize_answer("(1,234)") == "(1,234)"  # tuple commas stay
+
+
+def test_to_number_exact():
+    F = tt.Fraction
+    assert tt.to_number("0.\\overline{142857}") == F(1, 7)
+    assert tt.to_number("2\\frac{1}{3}") == F(7, 3)
+    assert tt.to_number("-2\\frac{1}{3}") == F(-7, 3)
+    assert tt.to_number("3/0") is None
+    assert tt.to_number("\\sqrt{2}") is None
+
+
+def test_grader_fuzz_no_exceptions_and_bounded_time():
+    rnd = random.Random(1234)
+    pieces = ["\\boxed{", "\\boxed ", "\\fbox{", "{", "}", "{{", "}}", "1", "22", "3.5", "1,000", "\\frac", "x=",
+              " or ", "The answer is ", "Final Answer:", "####", ". ", "\n", "$", "\\text{", "(", ")", "[", "]",
+              "<answer>", "</answer>", "wait", "a", " ", "\\overline{", "-", "/", "^\\circ", "%", ","]
+    worst = 0.0
+    for n in (10, 100, 1000, 20000):
+        for _ in range(20):
+            text = "".join(rnd.choice(pieces) for _ in range(n))[:100_000]
+            t0 = time.perf_counter()
+            tt.grade(text, "1")
+            tt.grade(text, "(1,2)")
+            tt.grade(text, "B")
+            worst = max(worst, time.perf_counter() - t0)
+    # hand-made adversarial inputs: unclosed boxes, deep braces, long digit runs, many phrases
+    for text in ["\\boxed{" * 14000, "{" * 100_000, "\\boxed{" + "{" * 99_000, "9" * 100_000,
+                 "The answer is " * 7000, "1," * 50_000, ("\\frac" * 20000)[:100_000], "a or " * 20000,
+                 "\\boxed{" + "1" * 99_990 + "}", "<answer>" * 12000]:
+        t0 = time.perf_counter()
+        for gold in ("1", "(1,2)", "B"):
+            assert tt.grade(text, gold) in (True, False)
+        worst = max(worst, (time.perf_counter() - t0) / 3)
+    assert worst < 0.25, f"slowest 100 kB grade took {worst:.3f} s"
+
+
+# --------------------------------------------------------------------------------------------- advantages
+def test_group_advantages_by_hand():
+    # group 1: rewards 1,0,0,0 -> mean 0.25, Bessel std sqrt((0.5625 + 3 * 0.0625) / 3) = 0.5
+    # group 2: all equal -> 0 (no spread, no signal); group 3: 1,1,0,0 -> mean 0.5, std sqrt(4*0.25/3)
+    r = torch.tensor([1., 0., 0., 0., 1., 1., 1., 1., 1., 1., 0., 0.])
+    a = tt.group_advantages(r, 4)
+    s3 = math.sqrt(1 / 3)
+    expected = [0.75 / 0.500001, -0.25 / 0.500001, -0.25 / 0.500001, -0.25 / 0.500001, 0, 0, 0, 0,
+                0.5 / (s3 + 1e-6), 0.5 / (s3 + 1e-6), -0.5 / (s3 + 1e-6), -0.5 / (s3 + 1e-6)]
+    assert torch.allclose(a, torch.tensor(expected), atol=1e-6)
+
+
+def test_group_advantages_all_zero_groups():
+    assert torch.equal(tt.group_advantages(torch.zeros(10), 5), torch.zeros(10))
+
+
+# --------------------------------------------------------------------------------------------- loss
+def one_token(logp, old_logp, adv, guided):
+    """policy_loss on a single token: returns (loss, grad wrt logp)."""
+    lp = torch.tensor([[logp]], dtype=torch.float64, requires_grad=True)
+    loss, stats = tt.policy_loss(lp, torch.tensor([[old_logp]], dtype=torch.float64),
+                                 torch.tensor([adv], dtype=torch.float64), torch.ones(1, 1),
+                                 torch.tensor([[guided]]))
+    loss.backward()
+    return loss.item(), lp.grad.item(), stats
+
+
+@pytest.mark.parametrize("adv,ratio,expected", [
+    (1.0, 1.5, -1.2),   # A > 0, ratio above 1 + eps: clipped at 1.2
+    (1.0, 0.5, -0.5),   # A > 0, ratio below: unclipped (pessimistic max)
+    (-1.0, 0.5, 0.8),   # A < 0, ratio below 1 - eps: clipped at 0.8
+    (-1.0, 1.1, 1.1),   # A < 0, inside the trust region
+    (-1.0, 5.0, 3.0),   # A < 0, ratio far above: dual clip caps the loss at -A * c = 3
+    (-2.0, 2.0, 4.0),   # A < 0, ratio 2 < c: max(4, 2.4) = 4, below the dual-clip cap 6
+])
+def test_ppo_branches(adv, ratio, expected):
+    loss, grad, _ = one_token(math.log(0.3 * ratio), math.log(0.3), adv, False)
+    assert loss == pytest.approx(expected, rel=1e-9)
+    # gradient: -A * ratio when the unclipped term is active, 0 when clipped
+    active = (adv, ratio) in [(1.0, 0.5), (-1.0, 1.1), (-2.0, 2.0)]
+    assert grad == pytest.approx(-adv * ratio if active else 0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("adv,p,gamma", [
+    (2.0, 0.5, 0.0005),      # gamma = A / 4000
+    (8.0, 0.3, 0.001),       # clipped at +0.001
+    (-2.0, 0.5, -0.0005),
+    (-8.0, 0.2, -0.001),     # clipped at -0.001
+    (1.0, 0.005, 0.00025),   # unlikely token, A > 0: AAS still applies (it damps the push)
+])
+def test_aas_loss_and_gradient(adv, p, gamma):
+    old = math.log(0.9)  # AAS ignores the old log-prob: no ratio, no clip
+    loss, grad, stats = one_token(math.log(p), old, adv, True)
+    assert loss == pytest.approx(-adv * p / (p + gamma), rel=1e-9)
+    assert grad == pytest.approx(-adv * p / (p + gamma), rel=1e-9)  # d l / d log p = -A p / (p + gamma)
+    assert stats["aas_tokens"] == 1 and stats["aas_weight"] == pytest.approx(p / (p + gamma), rel=1e-9)
+
+
+def test_aas_gamma_values():
+    got = tt.aas_gamma(torch.tensor([-100.0, -2.0, 0.0, 0.4, 4.0, 100.0]))
+    assert torch.allclose(got, torch.tensor([-0.001, -0.0005, 0.0, 0.0001, 0.001, 0.001]))
+
+
+def test_aas_denominator_above_one():
+    # p = 0.9995, A = 4: p + gamma = 1.0005 > 1, so d = p / 0.9999 and the loss is -A * 0.9999
+    loss, grad, _ = one_token(math.log(0.9995), 0.0, 4.0, True)
+    assert loss == pytest.approx(-4 * 0.9999, rel=1e-9)
+    assert grad == pytest.approx(-4 * 0.9999, rel=1e-9)
+
+
+def test_routing_rule_falls_back_to_ppo():
+    # guided, A < 0 and p < 0.01: PPO with the ratio, not AAS
+    loss, grad, stats = one_token(math.log(0.005), math.log(0.004), -1.0, True)
+    assert stats["aas_tokens"] == 0
+    assert loss == pytest.approx(1.25, rel=1e-9)  # ratio 1.25: max(-A * 1.25, -A * 1.2) = 1.25, unclipped
+    assert grad == pytest.approx(1.25, rel=1e-9)
+
+
+def test_routing_boundary_p_at_threshold_uses_aas():
+    loss, _, stats = one_token(math.log(0.02), math.log(0.02), -1.0, True)
+    assert stats["aas_tokens"] == 1 and loss == pytest.approx(0.02 / (0.02 - 0.00025), rel=1e-9)
+
+
+def test_policy_loss_token_mean_and_mask():
+    # two rows, one padded: the loss is the sum over real tokens divided by their count (3), not by 4 or 2
+    logp = torch.log(torch.tensor([[0.5, 0.5], [0.5, 0.9]], dtype=torch.float64)).requires_grad_()
+    old = torch.log(torch.tensor([[0.5, 0.5], [0.5, 0.1]], dtype=torch.float64))
+    mask = torch.tensor([[1., 1.], [1., 0.]])
+    adv = torch.tensor([1.0, -1.0], dtype=torch.float64)
+    loss, _ = tt.policy_loss(logp, old, adv, mask, torch.zeros(2, 2, dtype=torch.bool))
+    # row 0: two tokens at ratio 1 -> -1 each; row 1: one token at ratio 1 -> +1; padded ratio-9 token ignored
+    assert loss.item() == pytest.approx((-1 - 1 + 1) / 3)
+
+
+def test_policy_loss_gradient_matches_formula_on_random_batch():
+    g = torch.Generator().manual_seed(0)
+    N, T = 6, 7
+    logp = (-torch.rand(N, T, generator=g, dtype=torch.float64) * 6).requires_grad_()
+    old = logp.detach() + (torch.rand(N, T, generator=g, dtype=torch.float64) - 0.5) * 0.6
+    adv = torch.randn(N, generator=g, dtype=torch.float64) * 2
+    mask = (torch.arange(T)[None] < torch.tensor([7, 5, 3, 7, 1, 6])[:, None]).double()
+    guided = torch.zeros(N, T, dtype=torch.bool)
+    guided[[1, 4]] = True
+    guided[3, 4:] = True
+    loss, _ = tt.policy_loss(logp, old, adv, mask, guided)
+    loss.backward()
+    # independent per-token gradient, written from METHOD.md's equations
+    expected = torch.zeros(N, T, dtype=torch.float64)
+    for i in range(N):
+        for t in range(T):
+            if not mask[i, t]:
+                continue
+            A, lp, lo = adv[i].item(), logp[i, t].item(), old[i, t].item()
+            p, r = math.exp(lp), math.exp(lp - lo)
+            if guided[i, t] and not (A < 0 and p < 0.01):
+                gam = min(max(A / 4000, -0.001), 0.001)
+                d = p + gam
+                d = p / 1.0001 if d < 0 else p / 0.9999 if d > 1 else d
+                expected[i, t] = -A * p / d
+            else:
+                unclipped, clipped = -A * r, -A * min(max(r, 0.8), 1.2)
+                if A < 0 and max(unclipped, clipped) > -3 * A:
+                    expected[i, t] = 0.0  # dual clip: constant
+                else:
+                    expected[i, t] = unclipped if unclipped >= clipped else 0.0
+    assert torch.allclose(logp.grad * mask.sum(), expected, atol=1e-10)
+
+
+# --------------------------------------------------------------------------------------------- schedule, selection
+def test_guidance_schedule_authors_setting():
+    on = [s for s in range(1, 59) if tt.guidance_pct(s, 50) > 0]
+    assert on == list(range(1, 9))
+    assert tt.guidance_pct(1, 50) == pytest.approx(0.1)
+    assert tt.guidance_pct(2, 50) == pytest.approx(0.1 - 0.09 / 16)
+    assert tt.guidance_pct(8, 50) == pytest.approx(0.1 - 0.09 * 7 / 16)
+
+
+def test_guidance_schedule_short_runs():
+    assert [tt.guidance_pct(s, 2) for s in (1, 2, 3)] == [pytest.approx(0.1), 0.0, 0.0]  # Q = 1
+    assert tt.guidance_pct(1, 1) == pytest.approx(0.1)
+
+
+def test_selection_only_among_finished():
+    finished = [False, True, False, True, True,   # group 0: 3 finished
+                False, False, False, False, False,  # group 1: none -> no guidance
+                True, False, False, False, False]  # group 2: only index 10
+    rng = random.Random(0)
+    for _ in range(50):
+        chosen = tt.select_for_guidance(finished, 5, 0.1, rng)
+        assert len(chosen) == 2 and chosen[0] in (1, 3, 4) and chosen[1] == 10
+    assert tt.select_for_guidance(finished, 5, 0.0, rng) == []
+
+
+def test_selection_count_follows_pct():
+    chosen = tt.select_for_guidance([True] * 40, 40, 0.1, random.Random(0))
+    assert len(chosen) == 4 and len(set(chosen)) == 4  # floor(40 * 0.1)
+    assert len(tt.select_for_guidance([True] * 40, 40, 0.01, random.Random(0))) == 1  # max(1, floor(0.4))
+    picks = [tt.select_for_guidance([True] * 5, 5, 0.1, random.Random(s))[0] for s in range(200)]
+    assert set(picks) == {0, 1, 2, 3, 4}  # uniform over the group, not always the first
+
+
+# --------------------------------------------------------------------------------------------- teacher text
+def test_parse_teacher_good():
+    text = "<opinion>incorrect</opinion>\n<reason>Wait, I used 18 for the child.</reason>\n<phrase>So 63.</phrase>"
+    assert tt.parse_teacher(text) == ("incorrect", "Wait, I used 18 for the child.", "So 63.")
+    assert tt.parse_teacher("  <opinion> Correct </opinion><reason>a</reason><phrase>b</phrase>\n") \
+        == ("correct", "a", "b")
+
+
+@pytest.mark.parametrize("text", [
+    "",
+    "<opinion>correct</opinion><reason>a</reason>",                      # phrase missing
+    "<reason>a</reason><opinion>correct</opinion><phrase>b</phrase>",    # wrong order
+    "<opinion>correct</opinion><reason> </reason><phrase>b</phrase>",    # empty reason
+    "<opinion>correct</opinion><reason>a</reason><phrase></phrase>",     # empty phrase
+    "<opinion>maybe</opinion><reason>a</reason><phrase>b</phrase>",      # not correct/incorrect
+    "<opinion>correct</opinion><reason>a</reason><phrase>b</phrase> and more",  # trailing text
+    "Sure! <opinion>correct</opinion><reason>a</reason><phrase>b</phrase>",     # leading text
+    "<opinion>correct</opinion><reason>a<reason>b</reason><phrase>c</phrase>",  # nested tag
+    "<opinion>correct</opinion><reason>a</reason><phrase>b",             # phrase never closed (truncated)
+])
+def test_parse_teacher_rejects_malformed(text):
+    assert tt.parse_teacher(text) is None
+
+
+def test_splice_ids(tok):
+    eos = tok.eos_token_id
+    response = [5, 6, 7, eos]
+    ids, n_student = tt.splice(response, "checked", "so 5", tok, eos)
+    expected_tail = tok("\n\nchecked\n\nso 5", add_special_tokens=False)["input_ids"]
+    assert expected_tail == tok.convert_tokens_to_ids(["checked", "so", "5"])  # whitespace is not a token here
+    assert ids == [5, 6, 7] + expected_tail + [eos] and n_student == 3
+
+
+def test_guided_mask_options(tok):
+    item = {"response": [1, 2, 3, 4, 5], "guided": True, "n_student": 2}
+    args = type("A", (), {"guide_teacher_tokens_only": False})()
+    assert tt.guided_mask(item, args).tolist() == [1, 1, 1, 1, 1]
+    args.guide_teacher_tokens_only = True
+    assert tt.guided_mask(item, args).tolist() == [0, 0, 1, 1, 1]
+    assert tt.guided_mask({"response": [1, 2], "guided": False}, args).tolist() == [0, 0]
+
+
+# --------------------------------------------------------------------------------------------- masks, log-probs
+def test_cut_at_stop_with_pad_equal_eos(tok):
+    eos = tok.eos_token_id
+    assert tok.pad_token_id == eos
+    assert tt.cut_at_stop([5, 7, eos, eos, eos], {eos}) == ([5, 7, eos], True)
+    assert tt.cut_at_stop([5, 7, 9], {eos}) == ([5, 7, 9], False)
+
+
+def test_response_logprobs_keep_eos_and_ignore_padding(tok):
+    model = make_model(tok)
+    eos = tok.eos_token_id
+    prompts = [[0, 3, 9, 1], [0, 3, 10, 11, 12, 1]]
+    responses = [[eos, 14, eos], [15]]  # an EOS inside and at the end of a response; pad is EOS too
+    lp = tt.response_logprobs(model, prompts, responses, 1.0, tok.pad_token_id)
+    assert lp.shape == (2, 3) and lp[1, 1:].abs().sum() == 0  # past the response: exactly zero
+    for i, (p, r) in enumerate(zip(prompts, responses)):  # independent: full logits of each unpadded sequence
+        with torch.no_grad():
+            logits = model(torch.tensor([p + r])).logits[0].log_softmax(-1)
+        for t, y in enumerate(r):
+            assert lp[i, t].item() == pytest.approx(logits[len(p) + t - 1, y].item(), abs=1e-5)
+
+
+def test_response_logprobs_temperature(tok):
+    model = make_model(tok)
+    p, r = [[0, 3, 9, 1]], [[14, 15]]
+    lp = tt.response_logprobs(model, p, r, 0.5, tok.pad_token_id)
+    with torch.no_grad():
+        logits = (model(torch.tensor([p[0] + r[0]])).logits[0] / 0.5).log_softmax(-1)
+    assert lp[0, 1].item() == pytest.approx(logits[4, 15].item(), abs=1e-5)
+
+
+def test_right_pad_mask_from_lengths(tok):
+    pad = tok.pad_token_id
+    ids, mask = tt.right_pad([[3, pad, 4], [pad]], pad, "cpu")  # a real token equal to pad stays unmasked
+    assert mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+# --------------------------------------------------------------------------------------------- samplers
+@pytest.mark.parametrize("temperature,top_p", [(0.0, 1.0), (1.0, 1.0), (0.7, 0.9)])
+def test_static_sampler_matches_generate(tok, temperature, top_p):
+    model = make_model(tok, seed=3)
+    prompts = [[0, 3, 9, 1, 0, 4], [0, 3, 10, 11, 12, 13, 14, 1, 0, 4], [0, 4]]
+    stops = [tok.eos_token_id]
+    torch.manual_seed(7)
+    plain = tt.generate_plain(model, prompts, 12, stops, tok.pad_token_id, temperature, top_p)
+    torch.manual_seed(7)
+    fast = tt.generate_static(model, prompts, 12, stops, tok.pad_token_id, temperature, top_p,
+                              batch=4, prompt_len=16)
+    cut = lambda rows: [tt.cut_at_stop(r, set(stops)) for r in rows]  # noqa: E731
+    assert cut(plain) == cut(fast)
+    if temperature > 0:
+        assert len({tuple(r) for r in plain}) > 1
+
+
+def test_sampler_stops_at_eos_with_bigram_model(tok):
+    model = make_bigram_model(tok)
+    prompt = tt.render_chat(tok, [{"role": "user", "content": "w1 is 2 + 3"}])
+    for fast in (False, True):
+        (resp,), (done,) = tt.generate(model, [prompt], 30, [tok.eos_token_id], tok.pad_token_id, 0.0, 1.0, fast)
+        assert done and tok.convert_ids_to_tokens(resp) == CHAIN[1:]
+
+
+# --------------------------------------------------------------------------------------------- end to end
+def base_args(model_dir, train_file, out, *extra):
+    return ["--model", model_dir, "--train-data", train_file, "--out", out, "--device", "cpu", "--steps", 2,
+            "--prompts-per-step", 2, "--group-size", 4, "--max-new-tokens", 20, "--teacher-max-new-tokens", 24,
+            "--minibatches", 2, "--micro-batch", 4, "--seed", 1, *extra]
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def weights(path):
+    m = AutoModelForCausalLM.from_pretrained(path)
+    return torch.cat([p.detach().flatten() for p in m.parameters()])
+
+
+def test_two_training_steps_with_teacher(model_dirs, train_file, tmp_path):
+    out = tmp_path / "tt"
+    assert run(base_args(model_dirs["bigram"], train_file, out, "--log-samples", 8)) == 0
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2]
+    first = rows[0]
+    # the bigram student finishes most rollouts, so every group has one guided rollout, and the real
+    # teacher (a frozen copy, generating greedily) writes a reply the strict parser accepts
+    assert first["n_selected"] == 2 and first["teacher_asked"] == 2
+    assert first["n_guided"] == 2 and first["teacher_format_pass"] == 1.0
+    assert first["aas_tokens"] > 0 and math.isfinite(first["loss"])
+    assert rows[1]["guidance_pct"] == pytest.approx(0.1 - 0.09 / 16)
+    samples = read_jsonl(out / "samples.jsonl")
+    guided = [s for s in samples if s["guided"]]
+    assert guided and all(s["teacher"] == "checkedso\\boxed{5}" for s in guided)
+    assert (out / "ckpt" / "model.safetensors").exists()
+    moved = (weights(out / "ckpt") - weights(model_dirs["bigram"])).abs().max()
+    assert moved > 0
+
+
+def test_two_training_steps_without_teacher(model_dirs, train_file, tmp_path):
+    out = tmp_path / "grpo"
+    assert run(base_args(model_dirs["bigram"], train_file, out, "--no-teacher")) == 0
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [r["n_guided"] for r in rows] == [0, 0] and [r["aas_tokens"] for r in rows] == [0, 0]
+    assert all(r["guidance_pct"] == 0 for r in rows)
+
+
+def test_resume_reproduces_uninterrupted_run(model_dirs, train_file, tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert run(base_args(model_dirs["bigram"], train_file, full)) == 0
+    assert run(base_args(model_dirs["bigram"], train_file, part) + ["--steps", 1]) == 0
+    assert [r["step"] for r in read_jsonl(part / "metrics.jsonl")] == [1]
+    assert run(["--resume", part, "--steps", 2]) == 0
+    a, b = read_jsonl(full / "metrics.jsonl"), read_jsonl(part / "metrics.jsonl")
+    assert [r["step"] for r in b] == [1, 2]
+    for key in ("reward", "loss", "grad_norm", "n_guided", "response_len"):
+        assert a[1][key] == b[1][key], key
+    assert torch.equal(weights(full / "ckpt"), weights(part / "ckpt"))
+    # a finished run asked for no more steps does nothing and keeps its files
+    assert run(["--resume", part, "--steps", 2]) == 0
+    assert len(read_jsonl(part / "metrics.jsonl")) == 2
+
+
+def test_interrupted_save_keeps_previous_checkpoint(model_dirs, train_file, tmp_path, monkeypatch):
+    out = tmp_path / "save"
+    assert run(base_args(model_dirs["random"], train_file, out, "--no-teacher", "--steps", 1)) == 0
+    before = weights(out / "ckpt")
+    model = AutoModelForCausalLM.from_pretrained(out / "ckpt")
+
+    def broken_save(*_, **__):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(model, "save_pretrained", broken_save)
+    with pytest.raises(KeyboardInterrupt):
+        tt.save_checkpoint(str(out), model, None, None, None, None, {})
+    assert torch.equal(weights(out / "ckpt"), before)
+
+
+# --------------------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("extra,needle", [
+    (["--group-size", 1], "--group-size"),
+    (["--minibatches", 3], "--minibatches 3 must divide the 8 rollouts"),
+    (["--device", "cuda"], "no CUDA GPU"),
+])
+def test_bad_settings_fail_in_one_line(model_dirs, train_file, tmp_path, capsys, extra, needle):
+    if extra[0] == "--device" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert run(base_args(model_dirs["random"], train_file, tmp_path / "x") + extra) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1
+
+
+def test_bad_data_fails_before_loading_a_model(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "no question here"}) + "\n")
+    # the model name does not exist: reaching it would fail differently, so the data error came first
+    assert run(["--model", "no/such-model", "--train-data", bad, "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "'question' or 'problem'" in err and len(err.splitlines()) == 1
+    assert run(["--model", "no/such-model", "--train-data", tmp_path / "missing.jsonl", "--device", "cpu"]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_unknown_model_fails_in_one_line(train_file, tmp_path, capsys):
+    assert run(["--model", "no-such-org/no-such-model", "--train-data", train_file, "--device", "cpu",
+                "--out", tmp_path / "x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "could not load model 'no-such-org/no-such-model'" in err and len(err.splitlines()) == 1
+
+
+def test_non_finite_loss_skips_the_update(model_dirs, train_file, tmp_path, monkeypatch):
+    real = tt.policy_loss
+    monkeypatch.setattr(tt, "policy_loss", lambda *a, **k: (real(*a, **k)[0] * float("nan"), real(*a, **k)[1]))
+    out = tmp_path / "nan"
+    assert run(base_args(model_dirs["random"], train_file, out, "--no-teacher", "--steps", 1)) == 0
+    assert read_jsonl(out / "metrics.jsonl")[0]["skipped_updates"] == 2
+    assert torch.equal(weights(out / "ckpt"), weights(model_dirs["random"]))
+
+
+# --------------------------------------------------------------------------------------------- evaluation
+def test_pass_at_k_by_hand():
+    assert tt.pass_at_k(5, 2, 1) == pytest.approx(0.4)
+    assert tt.pass_at_k(5, 2, 2) == pytest.approx(1 - 3 / 10)  # 1 - C(3,2)/C(5,2)
+    assert tt.pass_at_k(4, 1, 4) == 1.0 and tt.pass_at_k(4, 0, 4) == 0.0
+    assert tt.pass_at_k(10, 3, 5) == pytest.approx(1 - 21 / 252)  # C(7,5) = 21, C(10,5) = 252
+
+
+def test_gpqa_shuffle_is_deterministic_and_letters_map():
+    row = {"Question": "Which is a noble gas?", "Correct Answer": "Argon", "Incorrect Answer 1": "Sodium",
+           "Incorrect Answer 2": "Chlorine", "Incorrect Answer 3": "Iron"}
+    a, b = tt.gpqa_item(row), tt.gpqa_item(dict(row))
+    assert a == b
+    line = next(ln for ln in a["question"].splitlines() if ln.startswith(f"({a['gold']})"))
+    assert line == f"({a['gold']}) Argon"
+    golds = {tt.gpqa_item({**row, "Question": f"Question {i}?"})["gold"] for i in range(40)}
+    assert golds == set("ABCD")  # the seed differs per question
+
+
+def test_eval_counts_and_table(model_dirs, tmp_path, capsys):
+    # the bigram model always answers \boxed{5}: items with gold 5 are right, the others wrong
+    a = tmp_path / "mini_a.jsonl"
+    a.write_text("".join(json.dumps({"question": f"w{i} is", "answer": f"#### {g}"}) + "\n"
+                         for i, g in enumerate([5, 7, 5, 9, 5])))
+    b = tmp_path / "mini_b.jsonl"
+    b.write_text("".join(json.dumps({"problem": f"w{i}", "answer": g}) + "\n" for i, g in enumerate(["5", "6"])))
+    out = tmp_path / "ev"
+    assert run(["--model", model_dirs["bigram"], "--eval", f"{a},{b}", "--out", out, "--device", "cpu",
+                "--max-new-tokens", 20, "--eval-batch-size", 2]) == 0
+    table = capsys.readouterr().out
+    assert "| mini_a | 5 | 60.00 |" in table and "| mini_b | 2 | 50.00 |" in table
+    res = json.load(open(out / "eval.json"))["results"]
+    preds = read_jsonl(out / "eval_samples.jsonl")
+    assert len(preds) == 7 and res["mini_a"]["truncated_pct"] == 0
+    assert [p["extracted"] for p in preds] == ["5"] * 7
+    assert [p["correct"] for p in preds if p["benchmark"] == "mini_a"] == [True, False, True, False, True]
+    # limit and sampling: 3 items x 2 samples, pass@2 reported
+    assert run(["--model", model_dirs["bigram"], "--eval", str(a), "--out", out, "--device", "cpu",
+                "--max-new-tokens", 20, "--eval-limit", 3, "--eval-samples", 2, "--eval-temperature", 1.0]) == 0
+    res = json.load(open(out / "eval.json"))["results"]["mini_a"]
+    assert res["n"] == 3 and "pass@2" in res and len(read_jsonl(out / "eval_samples.jsonl")) == 6
+    preds = read_jsonl(out / "eval_samples.jsonl")
+    per_q = [sum(p["correct"] for p in preds if p["index"] == i) for i in range(3)]
+    assert res["accuracy"] == pytest.approx(100 * sum(c / 2 for c in per_q) / 3)
+    assert res["pass@2"] == pytest.approx(100 * sum(c > 0 for c in per_q) / 3)
+
+
+def test_eval_every_logs_accuracy(model_dirs, train_file, tmp_path):
+    out = tmp_path / "ee"
+    assert run(base_args(model_dirs["bigram"], train_file, out, "--no-teacher", "--steps", 1, "--eval-every", 1,
+                         "--eval-data", train_file, "--eval-every-limit", 4)) == 0
+    row = read_jsonl(out / "metrics.jsonl")[0]
+    assert 0 <= row["eval_accuracy"] <= 100 and "eval_truncated_pct" in row
