@@ -7,6 +7,9 @@ import json
 import math
 import os
 import random
+import signal
+import subprocess
+import sys
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -601,6 +604,41 @@ def test_static_sampler_matches_generate(tok, temperature, top_p):
         assert len({tuple(r) for r in plain}) > 1
 
 
+def test_static_cache_release_and_reuse(tok):
+    # on the GPU the cache's tensors are freed after every call; the next call must allocate them again
+    model = make_model(tok, seed=4)
+    prompts, stops = [[0, 3, 9, 1, 0, 4], [0, 4]], [tok.eos_token_id]
+    torch.manual_seed(1)
+    first = tt.generate_static(model, prompts, 10, stops, tok.pad_token_id, 1.0, 1.0, batch=2, prompt_len=8)
+    tt._release(tt._static_decoder(model, 2, 18)["cache"])
+    torch.manual_seed(1)
+    again = tt.generate_static(model, prompts, 10, stops, tok.pad_token_id, 1.0, 1.0, batch=2, prompt_len=8)
+    assert first == again
+
+
+def test_chunked_master_weight_step_matches_plain_adamw(tok):
+    # bf16 model with fp32 master weights, stepped in small chunks, against AdamW + clip_grad_norm_ on fp32
+    model = make_model(tok, seed=5).to(torch.bfloat16)
+    params = list(model.parameters())
+    g = torch.Generator().manual_seed(0)
+    for p in params:
+        p.grad = (torch.randn(p.shape, generator=g) * 0.05).to(torch.bfloat16)
+    ref = [p.detach().float().clone().requires_grad_() for p in params]
+    for r, p in zip(ref, params):
+        r.grad = p.grad.float()
+    ref_norm = torch.nn.utils.clip_grad_norm_(ref, 1.0)
+    assert ref_norm > 1.5  # the clip is active
+    ref_opt = torch.optim.AdamW(ref, lr=1e-3, weight_decay=0.01)
+    ref_opt.step()
+    args = type("A", (), {"lr": 1e-3, "weight_decay": 0.01, "device": "cpu"})()
+    opt, ps, master = tt.make_optimizer(model, args)
+    assert master is not ps and master[0].dtype == torch.float32
+    norm, ok = tt.optimizer_step(opt, ps, master, 1.0, chunk=3000)  # many chunks
+    assert ok and norm == pytest.approx(ref_norm.item(), rel=1e-5)
+    for r, m, p in zip(ref, master, ps):
+        assert torch.allclose(r, m, atol=1e-7) and torch.equal(p, m.to(torch.bfloat16)) and p.grad is None
+
+
 def test_sampler_stops_at_eos_with_bigram_model(tok):
     model = make_bigram_model(tok)
     prompt = tt.render_chat(tok, [{"role": "user", "content": "w1 is 2 + 3"}])
@@ -667,6 +705,22 @@ def test_resume_reproduces_uninterrupted_run(model_dirs, train_file, tmp_path):
     # a finished run asked for no more steps does nothing and keeps its files
     assert run(["--resume", part, "--steps", 2]) == 0
     assert len(read_jsonl(part / "metrics.jsonl")) == 2
+
+
+def test_ctrl_c_finishes_the_step_and_saves(model_dirs, train_file, tmp_path):
+    out = tmp_path / "int"
+    cmd = [sys.executable, tt.__file__] + [str(a) for a in base_args(model_dirs["random"], train_file, out,
+                                                                   "--no-teacher", "--steps", 100000)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not (out / "metrics.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    stdout, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "checkpoint saved" in stdout
+    steps = [r["step"] for r in read_jsonl(out / "metrics.jsonl")]
+    saved = torch.load(out / "ckpt" / "trainer_state.pt", weights_only=False)
+    assert saved["step"] == steps[-1] == len(steps) and saved["cursor"] == 2 * len(steps)
 
 
 def test_interrupted_save_keeps_previous_checkpoint(model_dirs, train_file, tmp_path, monkeypatch):

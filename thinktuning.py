@@ -544,10 +544,12 @@ def generate_plain(model, prompts, max_new, stops, pad_id, temperature, top_p):
     return out[:, ids.shape[1]:].tolist()
 
 
-# ---- the fast path: one preallocated static KV cache per (model, shape), a compiled one-token decode step
-# replayed as a CUDA graph. Shapes are fixed per role (batch and cache length come from the flags), so each
-# role compiles once per run. Rows that finish keep decoding (it costs nothing: decode is bound by reading
-# the weights) and the loop stops once every row has finished, checked every few steps to avoid syncs.
+# ---- the fast path: a preallocated static KV cache per (model, shape) and a compiled one-token decode step
+# replayed as a CUDA graph. Shapes are fixed per role (batch and cache length come from the flags and the
+# data), so each role compiles once per run. Rows that finish keep decoding (it costs nothing: decode is bound
+# by reading the weights) and the loop stops once every row has finished, checked every 16 steps to avoid
+# syncs. On the GPU the cache's memory is handed back after every call, so that the update can use it: the
+# next call allocates it again and the CUDA graph is re-recorded if its address moved (no recompilation).
 _STATIC = {}
 
 
@@ -558,12 +560,9 @@ def _cache_kwarg(model):
 
 
 def _static_decoder(model, batch, length):
-    """The static cache and compiled decode step of `model` for this shape. One shape per model is kept: a new
-    shape frees the old cache (memory) and compiles again (tens of seconds), so callers keep shapes fixed."""
-    entry = _STATIC.get(id(model))
-    if entry is None or entry["shape"] != (batch, length):
+    key = (id(model), batch, length)
+    if key not in _STATIC:
         from transformers import StaticCache
-        _STATIC.pop(id(model), None)
         cache, kw = StaticCache(config=model.config, max_cache_len=length), _cache_kwarg(model)
 
         def step(tokens, positions, mask):  # [B, 1], [B, 1], [B, L] -> [B, V] float32
@@ -571,12 +570,22 @@ def _static_decoder(model, batch, length):
                          **{kw: cache}).logits[:, -1].float()
 
         on_gpu = model.device.type == "cuda"
-        if on_gpu:
-            torch._dynamo.config.recompile_limit = max(64, torch._dynamo.config.recompile_limit)
-        entry = {"shape": (batch, length), "cache": cache, "kw": kw, "eager": step,
-                 "step": torch.compile(step, mode="reduce-overhead", dynamic=False) if on_gpu else step}
-        _STATIC[id(model)] = entry
-    return entry
+        if on_gpu:  # a compilation per shape and model, a re-recording per call: lift the default limits
+            cfg = torch._dynamo.config
+            limit = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+            setattr(cfg, limit, max(64, getattr(cfg, limit)))
+            torch._inductor.config.triton.cudagraph_unexpected_rerecord_limit = 1 << 30
+        _STATIC[key] = {"cache": cache, "kw": kw, "eager": step,
+                        "step": torch.compile(step, mode="reduce-overhead", dynamic=False) if on_gpu else step}
+    return _STATIC[key]
+
+
+def _release(cache):
+    """Free the KV tensors of a static cache; its next use allocates them again (same shape, no recompile)."""
+    for layer in cache.layers:
+        layer.keys = layer.values = None
+        layer.is_initialized = False
+        layer.cumulative_length = torch.tensor(0, dtype=torch.long)
 
 
 @torch.no_grad()
@@ -614,6 +623,8 @@ def generate_static(model, prompts, max_new, stops, pad_id, temperature, top_p, 
             logits = dec["step"](token[:, None], next_pos + t, full_mask)
         if dec["step"] is not dec["eager"]:
             logits = logits.clone()  # a CUDA graph's output buffer is overwritten by its next replay
+    if model.device.type == "cuda":
+        _release(dec["cache"])
     return out[:n].tolist()
 
 
@@ -822,22 +833,36 @@ def make_optimizer(model, args):
     return opt, params, master
 
 
-def optimizer_step(opt, params, master, grad_clip):
-    """Clip the gradient norm and step; a non-finite norm skips the step. Returns (norm, stepped)."""
-    if master is not params:
-        for p, m in zip(params, master):
-            m.grad, p.grad = (None if p.grad is None else p.grad.float()), None
-    norm = torch.nn.utils.clip_grad_norm_(master, grad_clip)
+def optimizer_step(opt, params, master, grad_clip, chunk=1 << 26):
+    """Clip the gradient norm and step; a non-finite norm skips the step. Returns (norm, stepped).
+    With fp32 master weights the bf16 gradients are converted and applied ~64M elements at a time (AdamW
+    skips parameters without a gradient), so the fp32 gradients of the whole model never exist at once."""
+    if master is params:
+        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        ok = bool(torch.isfinite(norm))
+        if ok:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(norm), ok
+    pairs = [(p, m) for p, m in zip(params, master) if p.grad is not None]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad, dtype=torch.float32)
+                                                 for p, _ in pairs]))
     ok = bool(torch.isfinite(norm))
-    if ok:
+    scale = (grad_clip / (norm + 1e-6)).clamp(max=1.0)  # as clip_grad_norm_
+    while ok and pairs:
+        size, part = 0, []
+        while pairs and (not part or size + pairs[0][0].numel() <= chunk):
+            part.append(pairs.pop(0))
+            size += part[-1][0].numel()
+        for p, m in part:
+            m.grad, p.grad = p.grad.float().mul_(scale), None
         opt.step()
-    opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for p, m in part:
+                m.grad = None
+                p.copy_(m)
     for p in params:
         p.grad = None
-    if ok and master is not params:
-        with torch.no_grad():
-            for p, m in zip(params, master):
-                p.copy_(m)
     return float(norm), ok
 
 
@@ -994,6 +1019,7 @@ def train(args):
     problems = [p for p in problems if len(p["prompt"]) <= args.max_prompt_len]
     if not problems:
         raise UserError(f"every prompt of {args.train_data} is longer than --max-prompt-len {args.max_prompt_len}")
+    prompt_width = -(-max(len(p["prompt"]) for p in problems) // 64) * 64  # the student cache's fixed prompt part
 
     torch.manual_seed(args.seed)
     student = load_model(ckpt if resuming else args.model, args, trainable=True).eval()
@@ -1032,12 +1058,12 @@ def train(args):
     print(f"{'ThinkTuning' if teacher is not None else 'vanilla GRPO'}: {len(problems)} questions"
           f"{f' ({skipped} with prompts over --max-prompt-len skipped)' if skipped else ''}, "
           f"{args.prompts_per_step} x {args.group_size} = {n_roll} rollouts per step, up to "
-          f"{n_roll * (args.max_prompt_len + args.max_new_tokens):,} tokens per step, "
+          f"{n_roll * (prompt_width + args.max_new_tokens):,} tokens per step, "
           f"{args.minibatches} optimizer steps of {n_roll // args.minibatches} rollouts")
     print(f"student {n_params / 1e6:.0f}M parameters, {args.dtype} on {args.device}; memory estimate: "
           f"{weights / 1e9:.1f} GB weights+grads+AdamW, "
           f"{n_params * student.dtype.itemsize / 1e9 * (teacher is not None):.1f} GB teacher, "
-          f"{n_roll * (args.max_prompt_len + args.max_new_tokens) * kv_per_token / 1e9:.1f} GB student KV cache")
+          f"{n_roll * (prompt_width + args.max_new_tokens) * kv_per_token / 1e9:.1f} GB student KV cache")
 
     stop_requested = []
     previous = signal.signal(signal.SIGINT, lambda *_: (stop_requested.append(1), signal.signal(
@@ -1056,7 +1082,7 @@ def train(args):
             t0 = sync(args.device)
             responses, finished = generate(student, [it["prompt"] for it in items], args.max_new_tokens, stops,
                                            pad_id, args.temperature, args.top_p, not args.no_fast, batch=n_roll,
-                                           prompt_len=args.max_prompt_len)
+                                           prompt_len=prompt_width)
             for it, r, f in zip(items, responses, finished):
                 it.update(response=r, finished=f)
             t1 = sync(args.device)
@@ -1107,11 +1133,12 @@ def train(args):
             if step % args.save_every == 0 or step == args.steps or stop_requested:
                 save_checkpoint(args.out, student, tok, opt, master, params, state)
             if stop_requested:
-                print(f"stopped after step {step}; continue with: python thinktuning.py --resume {args.out}")
-                break
+                print(f"stopped after step {step}, checkpoint saved; continue with: "
+                      f"python thinktuning.py --resume {args.out}")
+                return False
     finally:
         signal.signal(signal.SIGINT, previous)
-    return student, tok
+    return True
 
 
 def _truncate_metrics(out, step):
@@ -1276,8 +1303,8 @@ def main(argv=None):
         check_args(args)
         if args.eval:
             run_eval(args)
-        else:
-            train(args)
+        elif not train(args):
+            return 130  # stopped by Ctrl-C, after saving
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
