@@ -891,8 +891,7 @@ def guide(items, chosen, student_tok, teacher, teacher_tok, args):
     t_pad = teacher_tok.pad_token_id if teacher_tok.pad_token_id is not None else teacher_tok.eos_token_id
     fast_batch = args.prompts_per_step * max(1, math.floor(args.group_size * 0.1))
     replies, finished = generate(teacher, [q for _, q in queries], args.teacher_max_new_tokens, t_stops, t_pad,
-                                 0.0, 1.0, not args.no_fast, batch=fast_batch,
-                                 prompt_len=-(-max(len(q) for _, q in queries) // 512) * 512)
+                                 0.0, 1.0, not args.no_fast, batch=fast_batch, prompt_len=args.teacher_max_prompt_len)
     passed = 0
     for (i, _), reply, done in zip(queries, replies, finished):
         parsed = parse_teacher(teacher_tok.decode(reply, skip_special_tokens=True)) if done else None
