@@ -604,6 +604,21 @@ def test_static_sampler_matches_generate(tok, temperature, top_p):
         assert len({tuple(r) for r in plain}) > 1
 
 
+def test_decode_attention_matches_repeated_kv():
+    # one query token, 8 query heads sharing 2 KV heads, a padding mask: against SDPA on repeated KV heads
+    g = torch.Generator().manual_seed(0)
+    B, H, KVH, L, D = 3, 8, 2, 11, 16
+    q, k, v = (torch.randn(B, h, n, D, generator=g) for h, n in ((H, 1), (KVH, L), (KVH, L)))
+    mask = torch.ones(B, 1, 1, L, dtype=torch.bool)
+    mask[0, ..., :4] = False
+    module = torch.nn.Module()
+    module.num_key_value_groups = H // KVH
+    out, _ = tt.decode_attention(module, q, k, v, mask, scaling=0.25)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(H // KVH, 1), v.repeat_interleave(H // KVH, 1), attn_mask=mask, scale=0.25)
+    assert out.shape == (B, 1, H, D) and torch.allclose(out, ref.transpose(1, 2), atol=1e-6)
+
+
 def test_static_cache_release_and_reuse(tok):
     # on the GPU the cache's tensors are freed after every call; the next call must allocate them again
     model = make_model(tok, seed=4)

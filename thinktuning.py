@@ -559,10 +559,38 @@ def _cache_kwarg(model):
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+def decode_attention(module, query, key, value, attention_mask, **kwargs):
+    """Attention for one-token decoding with grouped KV heads. Under torch.compile, transformers' SDPA path
+    copies the whole KV cache to every query head first (repeat_kv), which multiplies the memory traffic of a
+    decode step by the group size (6 for Qwen2.5-1.5B). Here the G query heads that share a KV head become G
+    query rows of that head, so the cache is read once. Anything else goes to transformers' own SDPA."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    groups = getattr(module, "num_key_value_groups", 1)
+    if query.shape[2] != 1 or groups == 1 or kwargs.get("position_bias") is not None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    B, H, _, D = query.shape
+    q = query.view(B, H // groups, groups, D)  # [B, KVH, G, D]: query head h = kv head h // G, row h % G
+    out = F.scaled_dot_product_attention(q, key, value, attn_mask=attention_mask,
+                                         scale=kwargs.get("scaling"))  # [B, KVH, G, D]; mask [B, 1, 1, L]
+    return out.reshape(B, 1, H, D), None  # [B, 1, H, D], the layout attention modules expect back
+
+
+def _use_decode_attention(model):
+    """Route `model`'s attention through decode_attention (same masks as SDPA) when it uses SDPA."""
+    if model.config._attn_implementation != "sdpa":
+        return
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+    AttentionInterface.register("thinktuning_decode", decode_attention)
+    AttentionMaskInterface.register("thinktuning_decode", sdpa_mask)
+    model.set_attn_implementation("thinktuning_decode")
+
+
 def _static_decoder(model, batch, length):
     key = (id(model), batch, length)
     if key not in _STATIC:
         from transformers import StaticCache
+        _use_decode_attention(model)
         cache, kw = StaticCache(config=model.config, max_cache_len=length), _cache_kwarg(model)
 
         def step(tokens, positions, mask):  # [B, 1], [B, 1], [B, L] -> [B, V] float32
