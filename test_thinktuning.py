@@ -847,3 +847,15 @@ def test_eval_every_logs_accuracy(model_dirs, train_file, tmp_path):
                          "--eval-data", train_file, "--eval-every-limit", 4)) == 0
     row = read_jsonl(out / "metrics.jsonl")[0]
     assert 0 <= row["eval_accuracy"] <= 100 and "eval_truncated_pct" in row
+
+
+def test_compare_table(tmp_path, capsys):
+    for name, acc in (("zero-shot", 40.0), ("tt", 47.5)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "eval.json").write_text(json.dumps({"results": {
+            "math500": {"accuracy": acc}, **({"gsm8k": {"accuracy": 70.25}} if name == "tt" else {})}}))
+    assert run(["--compare", f"{tmp_path / 'zero-shot'},{tmp_path / 'tt'}"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "| benchmark | zero-shot | tt | paper GRPO | paper ThinkTuning |"
+    assert "| math500 | 40.00 | 47.50 | 45.46 | 47.54 |" in lines and "| gsm8k | - | 70.25 | - | - |" in lines
+    assert run(["--compare", str(tmp_path / "missing")]) == 2

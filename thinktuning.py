@@ -84,6 +84,7 @@ def build_parser():
     a("--eval-temperature", type=float, default=0.0, help="sampling temperature when --eval-samples > 1")
     a("--eval-max-new-tokens", type=int, help="response tokens in evaluation (default: --max-new-tokens)")
     a("--eval-batch-size", type=int, default=64, help="questions per generate call in evaluation")
+    a("--compare", help="print one table from the eval.json of comma-separated run folders, paper numbers beside")
     a("--eval-every", type=int, default=0, help="during training, evaluate every N steps on --eval-data (0: never)")
     a("--eval-data", default="gsm8k", help="held-out set for --eval-every")
     a("--eval-every-limit", type=int, default=200, help="items of --eval-data used by --eval-every")
@@ -96,7 +97,7 @@ class UserError(Exception):
 
 def check_args(args):
     """Catch bad settings before anything is loaded."""
-    if args.model is None and args.resume is None:
+    if args.model is None and args.resume is None and not args.compare:
         raise UserError("--model is required (a Hub name or a local folder)")
     if args.group_size < 2:
         raise UserError(f"--group-size {args.group_size}: GRPO needs at least 2 rollouts per question")
@@ -1184,8 +1185,8 @@ BENCHMARKS = {"gsm8k": ("openai/gsm8k", "main", "test"),
               "aime25": ("math-ai/aime25", None, "test"),
               "gpqa": ("Idavidrein/gpqa", "gpqa_diamond", "train")}
 GPQA_INSTRUCTION = "\n\nAnswer with the letter of the correct option, A, B, C or D, as your final answer."
-# The paper's Table 1 (Llama-3.2-3B-Instruct), for comparison in the README's table.
-PAPER = {"math500": {"grpo": 45.46, "thinktuning": 47.54}, "gpqa": {"grpo": 24.19, "thinktuning": 28.18}}
+# The paper's Table 1 (Llama-3.2-3B-Instruct, greedy pass@1, %): vanilla GRPO / ThinkTuning.
+PAPER = {"math500": (45.46, 47.54), "gpqa": (24.19, 28.18)}
 
 
 def gpqa_item(row):
@@ -1292,6 +1293,25 @@ def run_eval(args):
     return results
 
 
+def compare_runs(folders):
+    """One markdown table of accuracy (%) per benchmark for several runs (their OUT/eval.json), paper beside."""
+    runs = {}
+    for folder in folders:
+        path = os.path.join(folder, "eval.json")
+        if not os.path.exists(path):
+            raise UserError(f"{folder}: no eval.json (run --eval with --out {folder} first)")
+        runs[os.path.basename(os.path.normpath(folder))] = json.load(open(path))["results"]
+    names = list(dict.fromkeys(b for r in runs.values() for b in r))
+    lines = ["| benchmark | " + " | ".join(runs) + " | paper GRPO | paper ThinkTuning |",
+             "|---|" + "---|" * (len(runs) + 2)]
+    for b in names:
+        cells = [f"{r[b]['accuracy']:.2f}" if b in r else "-" for r in runs.values()]
+        paper = [f"{x:.2f}" for x in PAPER[b]] if b in PAPER else ["-", "-"]
+        lines.append(f"| {b} | " + " | ".join(cells + paper) + " |")
+    print("\n".join(lines))
+    return "\n".join(lines)
+
+
 def eval_during_training(model, tok, args, stops, pad_id):
     """--eval-every: accuracy on a held-out slice, in the rollout sampler's shape (no second compilation)."""
     if not hasattr(eval_during_training, "items"):
@@ -1328,7 +1348,9 @@ def main(argv=None):
         if args.resume:
             args = resume_args(parser, argv)
         check_args(args)
-        if args.eval:
+        if args.compare:
+            compare_runs([f.strip() for f in args.compare.split(",") if f.strip()])
+        elif args.eval:
             run_eval(args)
         elif not train(args):
             return 130  # stopped by Ctrl-C, after saving
