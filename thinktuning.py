@@ -73,7 +73,7 @@ def build_parser():
     a("--seed", type=int, default=0, help="seed for data order, rollout selection and sampling")
     a("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     a("--dtype", default="auto", choices=["auto", "bfloat16", "float32"], help="auto: bfloat16 on GPU, float32 on CPU")
-    a("--no-fast", action="store_true", help="sample with plain model.generate instead of the compiled static-cache sampler")
+    a("--no-fast", action="store_true", help="on GPU, sample with plain model.generate instead of the compiled sampler")
     a("--no-grad-ckpt", action="store_true", help="turn off gradient checkpointing (on by default on GPU)")
     a("--save-every", type=int, default=20, help="checkpoint every N steps (and always at the end)")
     a("--log-samples", type=int, default=4, help="full rollouts per step written to samples.jsonl")
@@ -119,6 +119,7 @@ def check_args(args):
         raise UserError(f"--device {args.device}: this machine has no CUDA GPU visible to torch; use --device cpu")
     if args.dtype == "auto":
         args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
+    args.fast = args.device.startswith("cuda") and not args.no_fast  # the compiled sampler pays off on GPUs only
     return args
 
 
@@ -920,7 +921,7 @@ def guide(items, chosen, student_tok, teacher, teacher_tok, args):
     t_pad = teacher_tok.pad_token_id if teacher_tok.pad_token_id is not None else teacher_tok.eos_token_id
     fast_batch = args.prompts_per_step * max(1, math.floor(args.group_size * 0.1))
     replies, finished = generate(teacher, [q for _, q in queries], args.teacher_max_new_tokens, t_stops, t_pad,
-                                 0.0, 1.0, not args.no_fast, batch=fast_batch, prompt_len=args.teacher_max_prompt_len)
+                                 0.0, 1.0, args.fast, batch=fast_batch, prompt_len=args.teacher_max_prompt_len)
     passed = 0
     for (i, _), reply, done in zip(queries, replies, finished):
         parsed = parse_teacher(teacher_tok.decode(reply, skip_special_tokens=True)) if done else None
@@ -1109,7 +1110,7 @@ def train(args):
             # 2. student rollouts, one batched call
             t0 = sync(args.device)
             responses, finished = generate(student, [it["prompt"] for it in items], args.max_new_tokens, stops,
-                                           pad_id, args.temperature, args.top_p, not args.no_fast, batch=n_roll,
+                                           pad_id, args.temperature, args.top_p, args.fast, batch=n_roll,
                                            prompt_len=prompt_width)
             for it, r, f in zip(items, responses, finished):
                 it.update(response=r, finished=f)
@@ -1243,7 +1244,7 @@ def evaluate(model, tok, items, args, stops, pad_id, batch_size, max_new, desc="
     for b in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
         idx = [i for i in order[b:b + batch_size] for _ in range(k)]
         responses, finished = generate(model, [prompts[i] for i in idx], max_new, stops, pad_id, temperature,
-                                       1.0, not args.no_fast, batch=batch_size * k, prompt_len=prompt_len)
+                                       1.0, args.fast, batch=batch_size * k, prompt_len=prompt_len)
         for j, (i, r, f) in enumerate(zip(idx, responses, finished)):
             text = tok.decode(r, skip_special_tokens=True)
             preds.append({"index": i, "sample": j % k, "question": items[i]["question"], "gold": items[i]["gold"],
