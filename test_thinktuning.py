@@ -156,6 +156,13 @@ GRADER_CASES = [
     ("\\boxed{10}", "10.0", True),
     ("\\boxed{100}", "10", False),
     ("\\boxed{1e3}", "1000", False),  # not a form we accept: when unsure, wrong
+    ("\\boxed{1.5 \\times 10^{3}}", "1500", True),
+    ("\\boxed{1.5 \\times 10^{3}}", "150", False),
+    ("\\boxed{2 \\cdot 10^{-2}}", "0.02", True),
+    ("The answer is $\\boxed {7}$.", "7", True),
+    ("So it is \\boxed{5}.\n\nWait, I made a mistake in the second step. The final answer is 7.", "7", True),
+    ("So it is \\boxed{5}.\n\nWait, I made a mistake in the second step. The final answer is 7.", "5", False),
+    ("So it is \\boxed{5}.\n\nWait, I made a mistake in step 2.", "2", False),  # no new answer given
     # thousands separators vs tuple commas
     ("She earns \\boxed{1,234} dollars.", "1234", True),
     ("She earns \\boxed{1{,}234} dollars.", "1234", True),
@@ -209,6 +216,7 @@ GRADER_CASES = [
     ("After adding everything, the final answer is 72.", "72", True),
     ("After adding everything, the final answer is 73.", "72", False),
     ("Final Answer: 1,080", "1080", True),
+    ("Final Answer: $11,\\! 111,\\! 111,\\! 100$", "11,\\! 111,\\! 111,\\! 100", True),  # \\! is a thin space
     ("Final Answer: $\\frac{3}{5}$", "0.6", True),
     ("Final Answer: $\\frac{3}{5}$", "0.5", False),
     ("So the answer is:\n\n15", "15", True),
@@ -239,6 +247,20 @@ GRADER_CASES = [
     ("Wait, I made a mistake earlier. Recomputing: the answer is \\boxed{14}.", "14", True),
     ("The answer is \\boxed{12}.\n\nLet me double check: 3 * 4 = 12. Yes.", "12", True),
     ("The answer is \\boxed{12}.", "12.0", True),
+    ("\\boxed{12}\n\nWait, let me double-check: 3 x 4 = 12. Yes, that's right.", "12", True),
+    ("So there are \\boxed{63} points. It is a common mistake to count the squares instead, which gives 48.", "63", True),
+    ("The answer is \\boxed{12}. Wait, no, I should subtract first.", "12", False),
+    ("d = 15.975 inches, that is $\\boxed{15\\frac{39}{40}}$, or $\\boxed{\\frac{639}{40}}$ inches.", "\\frac{639}{40}", True),
+    ("So, the final answer is 156 + 30 = 186 cents.", "186", True),
+    ("So, the final answer is 156 + 30 = 186 cents.", "156", False),
+    ("So John spends 60 minutes driving, which is 4 * 60 =", "60", False),  # cut off mid-equation
+    ("The profit is 1.2% of 8,000, which is 0.012 * 8,", "8", False),
+    ("The volume is $45\\times 10^{-2}$ cubic cm.", "-2", False),  # an exponent is not the answer
+    ("The volume is $45\\times 10^{-2}$ cubic cm.", "45", False),  # not a committed answer either
+    ("$180 + 24 = 204$. -sepehr2010", "2010", False),  # digits glued to a name
+    ("The answer is (B) because the others violate energy conservation.", "B", True),
+    ("The answer is A reasonable guess would be (C).", "A", False),  # a capital starting a word is no letter
+    ("The correct answer is a combination of both effects.", "A", False),
     ("The answer is \\boxed{12.5}.", "12", False),
     # truncated inside a box
     ("Therefore the answer is \\boxed{\\frac{1}{2", "\\frac{1}{2}", False),

@@ -285,6 +285,8 @@ def _box_before(text, end):
     if start < 0:
         return None
     i = start + (6 if text.startswith("\\boxed", start) else 5)
+    while i < len(text) and text[i] == " " and text.find("{", i, i + 3) > 0:  # "\\boxed {5}"
+        i += 1
     if i < len(text) and text[i] == "{":
         depth = 0
         for j in range(i, min(len(text), i + 4 * MAX_ANSWER_CHARS)):
@@ -299,11 +301,16 @@ def _box_before(text, end):
 # Phrases that commit to a final answer; the sentence after the last one is the answer.
 _ANSWER_PHRASE = re.compile(r"(?:final answer|the answer|correct answer|correct option|correct choice|answer)"
                             r"[ \t*]*(?:is|:|=)[ \t*:]*|####[ \t]*", re.IGNORECASE)
-# An answer followed by one of these was taken back.
-_RETRACTION = re.compile(r"\b(?:wait|hold on|actually|scratch that|on second thought|that's wrong|that is wrong|"
-                         r"is wrong|is incorrect|not correct|made a mistake|made an error|mistake)\b", re.IGNORECASE)
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
+# An answer followed by one of these was taken back. ("Wait, let me double-check... yes" is not a retraction.)
+_RETRACTION = re.compile(r"\b(?:(?:that's|that is|this is|it's|it is|is|was) (?:wrong|incorrect|not right|not correct)|"
+                         r"made (?:a|an) (?:mistake|error)|my mistake|miscalculated|scratch that|on second thought|"
+                         r"wait, no|no, wait|let me (?:redo|recalculate|re-calculate|start over))\b", re.IGNORECASE)
+_NUMBER = re.compile(r"(?<![A-Za-z\d.])-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|(?<![A-Za-z\d])-?\.\d+")
 _HEDGE = re.compile(r"\d\s*(?:\)|\})?\s*(?:or|and/or)\s+\$?\\?\(?-?\d", re.IGNORECASE)
+# A final sentence that stops on one of these was cut off mid-thought (a truncated output).
+_UNFINISHED = re.compile(r"(?:[=+\-*/×÷,:(]|\b(?:and|or|of|is|are|by|the|to|a|an|with|which|then|so|gives|equals))\s*$",
+                         re.IGNORECASE)
+_EXPONENT = re.compile(r"[\^_](?:\{[^{}]*\}|-?\d+)")  # x^{-2}, 10^3, a_1: not answers
 
 
 def _sentence_after(text, i):
@@ -312,57 +319,72 @@ def _sentence_after(text, i):
         i += 1
     j, end = i, min(len(text), i + MAX_ANSWER_CHARS)
     while j < end and text[j] != "\n":
-        if text[j] in ".!?" and (j + 1 == len(text) or text[j + 1].isspace()):
+        if text[j] in ".!?" and (j + 1 == len(text) or text[j + 1].isspace()) and text[j - 1] != "\\":  # not \\!
             break
         j += 1
     return text[i:j], j
 
 
-def extract_answer(text):
-    """The response's final answer as a string, or None when it commits to none (or hedges, or retracts)."""
-    # 1. the last \boxed{...}; two different boxes in the final sentence are a hedge -> returned as a list
-    box = _box_before(text, len(text))
-    if box is not None:
-        start, stop, content = box
-        if content is None or not content.strip():
+def _boxed_answer(text, box):
+    """The content of the last box; two different boxes in its sentence are a list, or a hedge if joined by 'or'."""
+    start, stop, content = box
+    if content is None or not content.strip():
+        return None  # empty, or truncated inside the box
+    prev = _box_before(text, start)
+    between = text[prev[1]:start] if prev else ""
+    if prev and prev[2] and len(between) < 60 and not re.search(r"[.!?]\s|\n", between) \
+            and not answers_match(prev[2], content):
+        if re.search(r"\bor\b", between):  # "\boxed{18} or \boxed{20}"
             return None
-        prev = _box_before(text, start)
-        between = text[prev[1]:start] if prev else ""
-        if prev and prev[2] and len(between) < 60 and not re.search(r"[.!?]\s|\n", between) \
-                and normalize_answer(prev[2]) != normalize_answer(content):
-            if re.search(r"\bor\b", between):  # "\boxed{18} or \boxed{20}": a hedge
-                return None
-            content = f"{prev[2]}, {content}"  # two boxes answering one question: compared as a list
-        return None if _RETRACTION.search(text[stop:stop + 300]) else content
-    # 2. the last <answer>...</answer>
-    a = text.rfind("<answer>")
-    if a >= 0:
-        b = text.find("</answer>", a)
-        if b > a and b - a < MAX_ANSWER_CHARS:
-            content = text[a + 8:b].strip()
-            return content if content and not _RETRACTION.search(text[b:b + 300]) else None
-    # 3. the last "final answer is ...", "Answer: ...", "#### ..." phrase, up to the end of that sentence
+        content = f"{prev[2]}, {content}"  # "\boxed{-2} and \boxed{3}": compared as a list
+    if _RETRACTION.search(text[stop:stop + 300]):  # taken back: only a later answer phrase can replace it
+        return _phrase_answer(text[stop:])
+    return content
+
+
+def _phrase_answer(text):
+    """The sentence after the last "final answer is" / "Answer:" / "####", unless hedged or taken back."""
     last = None
     for last in _ANSWER_PHRASE.finditer(text, max(0, len(text) - 20_000)):
         pass
-    if last is not None:
-        answer, stop = _sentence_after(text, last.end())
-        answer = answer.strip().strip("*").strip()
-        if not answer or _HEDGE.search(answer) or _RETRACTION.search(text[stop:stop + 300]):
-            return None
-        return answer
-    # 4. the last number of the final sentence only (a last number from anywhere rewards truncated outputs)
+    if last is None:
+        return None
+    answer, stop = _sentence_after(text, last.end())
+    answer = answer.strip().strip("*").strip()
+    if not answer or _HEDGE.search(answer) or _RETRACTION.search(text[stop:stop + 300]):
+        return None
+    return answer
+
+
+def _final_sentence_answer(text):
+    """A lone "(B)" or the last number of the final sentence only: a last number from anywhere would reward
+    truncated outputs that stop while restating the question or an intermediate result."""
     lines = [line for line in text[-2000:].split("\n") if line.strip()]
     if not lines:
         return None
     final = re.split(r"(?<=[.!?])\s+(?=\S)", lines[-1].strip())[-1]
-    if _HEDGE.search(final):
+    if _HEDGE.search(final) or _UNFINISHED.search(final.rstrip("$ ")):
         return None
-    letter = re.fullmatch(r"[*\s]*\(?([A-J])\)[*.\s]*", final)  # a lone "(B)" closing a multiple-choice answer
+    letter = re.fullmatch(r"[*\s]*\(?([A-J])\)[*.\s]*", final)
     if letter:
         return letter.group(1)
-    numbers = _NUMBER.findall(final)
+    numbers = _NUMBER.findall(_EXPONENT.sub(" ", final))
     return numbers[-1] if numbers else None
+
+
+def extract_answer(text):
+    """The response's final answer as a string, or None when it commits to none (or hedges, or retracts).
+    Order: the last \\boxed{}, else the last <answer></answer>, else an answer phrase, else the final sentence."""
+    box = _box_before(text, len(text))
+    if box is not None:
+        return _boxed_answer(text, box)
+    a = text.rfind("<answer>")
+    b = text.find("</answer>", a) if a >= 0 else -1
+    if 0 <= a < b and b - a < MAX_ANSWER_CHARS:
+        content = text[a + 8:b].strip()
+        return content if content and not _RETRACTION.search(text[b:b + 300]) else None
+    phrase = _ANSWER_PHRASE.search(text, max(0, len(text) - 20_000))
+    return _phrase_answer(text) if phrase else _final_sentence_answer(text)
 
 
 _UNWRAP = re.compile(r"\\(?:text|textbf|textit|textnormal|mathbf|mathrm|mathit|mbox|operatorname)\s*\{([^{}]*)\}")
@@ -408,6 +430,9 @@ def to_number(s):
         if m:
             value = Fraction(m.group(1)) / Fraction(m.group(2))
             return -value if s.startswith("-\\frac") else value
+        m = re.fullmatch(r"(-?\d*\.?\d+)(?:\\times|\\cdot)10\^\{?(-?\d{1,3})\}?", s)  # 1.5\times10^{3}
+        if m:
+            return Fraction(m.group(1)) * Fraction(10) ** int(m.group(2))
         m = re.fullmatch(r"(-?)(\d+)\\frac\{(\d+)\}\{(\d+)\}", s)  # 1\frac{4}{5} = 1 + 4/5
         if m:
             value = int(m.group(2)) + Fraction(int(m.group(3)), int(m.group(4)))
@@ -445,14 +470,15 @@ def _atom_equal(a, b):
 
 def answers_match(pred, gold):
     """Compare two answers after normalisation: strings, exact rationals, tuples/intervals, unordered lists, letters."""
-    p, g = normalize_answer(pred), normalize_answer(gold)
+    g = normalize_answer(gold)
+    if re.fullmatch(r"[a-j]", g):  # multiple choice: only a letter standing alone at the start counts
+        m = re.match(r"[\s*]*(?:\\text\{)?(?:\(([A-Ja-j])\)|([A-Ja-j])(?:[.:,*)}]|\s*$))", pred)  # (B) ..., B) ..., B.
+        return bool(m) and (m.group(1) or m.group(2)).lower() == g
+    if "=" in pred and "=" not in gold:  # "2+3=5 cents": the right side, unless the gold is an equation itself
+        pred = pred.rsplit("=", 1)[1]
+    p = normalize_answer(pred)
     if not p or not g:
         return False
-    if re.fullmatch(r"[a-j]", g):  # multiple choice: only the letter may be compared
-        m = re.fullmatch(r"\(?([a-j])\)?[.:]?", p) or re.match(r"\(?([a-j])\)(?![a-z])", p)
-        return bool(m) and m.group(1) == g
-    if "=" in p and "=" not in g:  # "2+3=5": the right side, unless the gold is an equation itself
-        p = p.rsplit("=", 1)[1]
     p, g = (s[1:-1] if s[:1] == "(" and s[-1:] == ")" and len(_split_top(s[1:-1])) == 1 else s for s in (p, g))
     if not p or not g:
         return False
