@@ -881,3 +881,31 @@ def test_compare_table(tmp_path, capsys):
     assert lines[0] == "| benchmark | zero-shot | tt | paper GRPO | paper ThinkTuning |"
     assert "| math500 | 40.00 | 47.50 | 45.46 | 47.54 |" in lines and "| gsm8k | - | 70.25 | - | - |" in lines
     assert run(["--compare", str(tmp_path / "missing")]) == 2
+
+
+def test_data_stream_wraps_epochs_with_fresh_shuffles():
+    problems = [{"question": str(i)} for i in range(5)]
+    stream = [q["question"] for q in tt.next_questions(problems, 0, 0, 15)]
+    epochs = [stream[0:5], stream[5:10], stream[10:15]]
+    assert all(sorted(e) == list("01234") for e in epochs)  # every epoch is a permutation of the data
+    assert len({tuple(e) for e in epochs}) > 1  # reshuffled each epoch
+    assert [q["question"] for q in tt.next_questions(problems, 0, 7, 4)] == stream[7:11]  # resumable by cursor
+
+
+def test_gold_from_answer():
+    assert tt.gold_from_answer("She pays 2 * 600 = 1,200 dollars.\n#### 1,200") == "1200"
+    assert tt.gold_from_answer("\\frac{1}{2}") == "\\frac{1}{2}"
+
+
+def test_out_of_memory_names_the_flags(monkeypatch, capsys, train_file):
+    def oom(args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+    monkeypatch.setattr(tt, "train", oom)
+    assert run(["--model", "x", "--train-data", train_file, "--device", "cpu"]) == 3
+    err = capsys.readouterr().err.strip()
+    assert "--micro-batch" in err and "--prompts-per-step" in err and len(err.splitlines()) == 1
+
+
+def test_gpqa_unreachable_says_how_to_get_it():
+    with pytest.raises(tt.UserError, match="gated"):
+        tt.load_benchmark("gpqa")
