@@ -728,6 +728,16 @@ def test_two_training_steps_without_teacher(model_dirs, train_file, tmp_path):
     assert all(r["guidance_pct"] == 0 for r in rows)
 
 
+def test_teacher_is_freed_when_guidance_ends(model_dirs, train_file, tmp_path, capsys):
+    out = tmp_path / "sched"
+    assert run(base_args(model_dirs["bigram"], train_file, out, "--schedule-steps", 2)) == 0  # Q = 1: step 1 only
+    assert "guidance is over after step 1" in capsys.readouterr().out
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert rows[0]["n_guided"] == 2 and rows[1]["n_selected"] == 0 and rows[1]["guidance_pct"] == 0
+    assert run(["--resume", out, "--steps", 3]) == 0  # past the guided steps: no teacher is loaded
+    assert "ThinkTuning (guidance over)" in capsys.readouterr().out
+
+
 def test_resume_reproduces_uninterrupted_run(model_dirs, train_file, tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
     assert run(base_args(model_dirs["bigram"], train_file, full)) == 0

@@ -206,12 +206,15 @@ def render_chat(tok, messages):
     return tok(text, add_special_tokens=False)["input_ids"]  # the template already holds BOS where needed
 
 
+GPQA_INSTRUCTION = "\n\nAnswer with the letter of the correct option, A, B, C or D, as your final answer."
+
+
 def student_prompt(tok, question):
     return render_chat(tok, [{"role": "user", "content": STUDENT_INSTRUCTION.format(question=question)}])
 
 
 # ================================================================================================ 3. data
-HUB_TRAIN = {"openai/gsm8k": ("main", "train")}
+HUB_CONFIGS = {"openai/gsm8k": "main", "Idavidrein/gpqa": "gpqa_diamond"}  # Hub datasets with several configs
 
 
 def gold_from_answer(answer):
@@ -244,18 +247,35 @@ def _read_table(spec, split, config=None):
                         f"or pass a local .jsonl file")
 
 
-def load_problems(spec, split="train", config=None):
-    """[{'question', 'gold'}] from GSM8K-style (question + '#### N' answer) or MATH-style (problem + answer) rows."""
-    if spec in HUB_TRAIN and config is None:
-        config, split = HUB_TRAIN[spec][0], split
-    rows = _read_table(spec, split, config)
+def gpqa_item(row):
+    """A GPQA row as a lettered question. The four options are shuffled with a seed fixed per question (the
+    same order on every run and machine); the gold is the letter of the correct one."""
+    options = [row["Correct Answer"]] + [row[f"Incorrect Answer {k}"] for k in (1, 2, 3)]
+    order = list(range(4))
+    random.Random(zlib.crc32(row["Question"].encode())).shuffle(order)
+    letters = "ABCD"
+    text = row["Question"].strip() + "\n\n" + "\n".join(
+        f"({letters[j]}) {str(options[o]).strip()}" for j, o in enumerate(order))
+    return {"question": text + GPQA_INSTRUCTION, "gold": letters[order.index(0)]}
+
+
+def to_problems(rows, name):
+    """[{'question', 'gold'}] from GSM8K-style (question + '#### N'), MATH-style (problem + answer) or GPQA rows."""
     if not rows:
-        raise UserError(f"{spec}: no rows")
+        raise UserError(f"{name}: no rows")
     keys = set(rows[0])
+    if {"Question", "Correct Answer"} <= keys:
+        return [gpqa_item(r) for r in rows]
     qkey = next((k for k in ("question", "problem") if k in keys), None)
     if qkey is None or "answer" not in keys:
-        raise UserError(f"{spec}: rows need 'question' or 'problem' plus 'answer' fields; found {sorted(keys)}")
+        raise UserError(f"{name}: rows need 'question' or 'problem' plus 'answer' fields (or GPQA's 'Question', "
+                        f"'Correct Answer', 'Incorrect Answer 1-3'); found {sorted(keys)}")
     return [{"question": r[qkey], "gold": gold_from_answer(r["answer"])} for r in rows]
+
+
+def load_problems(spec, split="train"):
+    """Problems from a local file or a Hub dataset (GSM8K main train by default)."""
+    return to_problems(_read_table(spec, split, HUB_CONFIGS.get(spec)), spec)
 
 
 def epoch_order(n, seed, epoch):
@@ -268,8 +288,10 @@ def epoch_order(n, seed, epoch):
 
 def next_questions(problems, seed, cursor, k):
     """The k problems after position `cursor` in the endless, epoch-wise shuffled stream."""
-    n = len(problems)
-    return [problems[epoch_order(n, seed, (cursor + j) // n)[(cursor + j) % n]] for j in range(k)]
+    n, orders = len(problems), {}
+    for e in range(cursor // n, (cursor + k - 1) // n + 1):
+        orders[e] = epoch_order(n, seed, e)
+    return [problems[orders[(cursor + j) // n][(cursor + j) % n]] for j in range(k)]
 
 
 # ================================================================================================ 4. grader
@@ -277,6 +299,7 @@ def next_questions(problems, seed, cursor, k):
 # decides every reward, and an RL policy will find its weak spots, so when unsure it says "wrong".
 
 MAX_ANSWER_CHARS = 400  # a longer "final answer" is not an answer
+_BARE_BOX = re.compile(r"[ \t]+([^\s$]+)")
 
 
 def _box_before(text, end):
@@ -294,7 +317,7 @@ def _box_before(text, end):
             if depth == 0:
                 return start, j + 1, text[i + 1:j]
         return start, len(text), None  # never closed: truncated inside the box
-    m = re.compile(r"[ \t]+([^\s$]+)").match(text, i)  # \boxed 5
+    m = _BARE_BOX.match(text, i)  # \boxed 5
     return (start, m.end(), m.group(1)) if m else (start, i, None)
 
 
@@ -746,6 +769,15 @@ def splice(response, reason, phrase, tok, eos_id):
     return kept + teacher_ids + [eos_id], len(kept)
 
 
+def guided_mask(item, args):
+    """[T] 1 on the tokens trained with AAS: the whole guided response (authors' choice) or, with
+    --guide-teacher-tokens-only, the teacher-written tokens and the final EOS."""
+    m = torch.zeros(len(item["response"]))
+    if item.get("guided"):
+        m[item["n_student"] if args.guide_teacher_tokens_only else 0:] = 1
+    return m
+
+
 # ================================================================================================ 7. rewards, advantages
 
 
@@ -962,6 +994,11 @@ def guide(items, chosen, student_tok, teacher, teacher_tok, args):
     return len(queries), passed
 
 
+def pad_rows(rows, width):
+    """Stack 1-D tensors of different lengths into [n, width], zero-padded at the end."""
+    return torch.stack([F.pad(r, (0, width - len(r))) for r in rows])
+
+
 def update(model, items, old_logp, ref_logp, opt, params, master, args, pad_id, rng):
     """One pass over the step's rollouts in --minibatches optimizer steps, micro-batched by --micro-batch."""
     order = list(range(len(items)))
@@ -978,14 +1015,13 @@ def update(model, items, old_logp, ref_logp, opt, params, master, args, pad_id, 
             logp = response_logprobs(model, [items[i]["prompt"] for i in sub], [items[i]["response"] for i in sub],
                                      args.temperature, pad_id)  # [n, T]
             T = logp.shape[1]
-            pad = lambda rows_: torch.stack([F.pad(r, (0, T - len(r))) for r in rows_])  # noqa: E731
-            old = pad([old_logp[i] for i in sub])  # [n, T]
-            mask = pad([torch.ones(len(items[i]["response"]), device=logp.device) for i in sub])  # [n, T]
-            guided = pad([guided_mask(items[i], args).to(logp.device) for i in sub])  # [n, T]
+            old = pad_rows([old_logp[i] for i in sub], T)  # [n, T]
+            mask = pad_rows([torch.ones(len(items[i]["response"]), device=logp.device) for i in sub], T)  # [n, T]
+            guided = pad_rows([guided_mask(items[i], args).to(logp.device) for i in sub], T)  # [n, T]
             adv = torch.tensor([items[i]["adv"] for i in sub], device=logp.device)  # [n]
             loss, st = policy_loss(logp, old, adv, mask, guided, args.clip_eps, args.dual_clip)
             if args.kl_beta > 0:
-                kl = kl_k3(logp, pad([ref_logp[i] for i in sub]))  # [n, T]
+                kl = kl_k3(logp, pad_rows([ref_logp[i] for i in sub], T))  # [n, T]
                 loss = loss + args.kl_beta * (kl * mask).sum() / mask.sum()
                 st["kl"] = ((kl * mask).sum() / mask.sum()).item()
             if not torch.isfinite(loss):
@@ -1014,15 +1050,6 @@ def update(model, items, old_logp, ref_logp, opt, params, master, args, pad_id, 
 def _nanmean(xs):
     xs = [x for x in xs if x == x]
     return sum(xs) / len(xs) if xs else float("nan")
-
-
-def guided_mask(item, args):
-    """[T] 1 on the tokens trained with AAS: the whole guided response (authors' choice) or, with
-    --guide-teacher-tokens-only, the teacher-written tokens and the final EOS."""
-    m = torch.zeros(len(item["response"]))
-    if item.get("guided"):
-        m[item["n_student"] if args.guide_teacher_tokens_only else 0:] = 1
-    return m
 
 
 @torch.no_grad()
@@ -1076,18 +1103,26 @@ def train(args):
         raise UserError(f"every prompt of {args.train_data} is longer than --max-prompt-len {args.max_prompt_len}")
     prompt_width = -(-max(len(p["prompt"]) for p in problems) // 64) * 64  # the student cache's fixed prompt part
 
+    # CPU first: RNG states must be CPU tensors; the optimizer moves its state to the parameters' device
+    saved = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False, map_location="cpu") \
+        if resuming else None
+    first_step = saved["step"] + 1 if saved else 1
+    if first_step > args.steps:
+        print(f"{args.out} already holds {first_step - 1} steps; ask for more with --steps")
+        return True
     torch.manual_seed(args.seed)
     student = load_model(ckpt if resuming else args.model, args, trainable=True).eval()
-    # the teacher: by default a frozen copy of the initial student (read from --model, also when resuming)
-    teacher = None if args.no_teacher else load_model(args.teacher or args.model, args, trainable=False)
+    # the teacher: by default a frozen copy of the initial student (read from --model, also when resuming),
+    # loaded only if some step still to run is guided
+    guided_ahead = not args.no_teacher and guidance_pct(first_step, args.schedule_steps) > 0
+    teacher = load_model(args.teacher or args.model, args, trainable=False) if guided_ahead else None
     ref = None
     if args.kl_beta > 0:  # the frozen initial model is also the default teacher: no extra memory then
         ref = teacher if teacher is not None and not args.teacher else load_model(args.model, args, trainable=False)
     opt, params, master = make_optimizer(student, args)
     rng = random.Random(args.seed)  # rollout selection and mini-batch order
     state = {"step": 0, "cursor": 0, "py_rng": rng.getstate()}
-    if resuming:
-        saved = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False, map_location=args.device)
+    if saved:
         opt.load_state_dict(saved["optimizer"])
         if saved["master"] is not None and master is not params:
             with torch.no_grad():
@@ -1110,7 +1145,8 @@ def train(args):
     kv_per_token = 2 * cfg.num_hidden_layers * getattr(cfg, "num_key_value_heads", cfg.num_attention_heads) \
         * getattr(cfg, "head_dim", cfg.hidden_size // cfg.num_attention_heads) * student.dtype.itemsize
     weights = n_params * (student.dtype.itemsize * 2 + 8 + (0 if master is params else 4))  # w, grad, Adam, master
-    print(f"{'ThinkTuning' if teacher is not None else 'vanilla GRPO'}: {len(problems)} questions"
+    method = "vanilla GRPO" if args.no_teacher else "ThinkTuning" if teacher else "ThinkTuning (guidance over)"
+    print(f"{method}: {len(problems)} questions"
           f"{f' ({skipped} with prompts over --max-prompt-len skipped)' if skipped else ''}, "
           f"{args.prompts_per_step} x {args.group_size} = {n_roll} rollouts per step, up to "
           f"{n_roll * (prompt_width + args.max_new_tokens):,} tokens per step, "
@@ -1121,9 +1157,13 @@ def train(args):
           f"{n_roll * (prompt_width + args.max_new_tokens) * kv_per_token / 1e9:.1f} GB student KV cache")
 
     stop_requested = []
-    previous = signal.signal(signal.SIGINT, lambda *_: (stop_requested.append(1), signal.signal(
-        signal.SIGINT, signal.default_int_handler), print("\nCtrl-C: finishing this step, then saving "
-                                                          "(press again to quit without saving)")))
+
+    def on_ctrl_c(*_):
+        stop_requested.append(1)
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C quits at once
+        print("\nCtrl-C: finishing this step, then saving (press Ctrl-C again to quit without saving)")
+
+    previous = signal.signal(signal.SIGINT, on_ctrl_c)
     metrics_path, samples_path = (os.path.join(args.out, n) for n in ("metrics.jsonl", "samples.jsonl"))
     try:
         bar = tqdm(range(state["step"] + 1, args.steps + 1), desc="train", initial=state["step"], total=args.steps)
@@ -1185,6 +1225,9 @@ def train(args):
                                         "student": tok.decode(it["response"][:n_s], skip_special_tokens=True),
                                         "teacher": it.get("teacher_text")}) + "\n")
             bar.set_postfix(reward=f"{row['reward']:.3f}", guided=len(guided), loss=f"{upd['loss']:.4f}")
+            if teacher is not None and guidance_pct(step + 1, args.schedule_steps) == 0:
+                print(f"guidance is over after step {step}: plain GRPO from here on, teacher memory freed")
+                teacher = _free(teacher)
             if step % args.save_every == 0 or step == args.steps or stop_requested:
                 save_checkpoint(args.out, student, tok, opt, master, params, state)
             if stop_requested:
@@ -1194,6 +1237,15 @@ def train(args):
     finally:
         signal.signal(signal.SIGINT, previous)
     return True
+
+
+def _free(model):
+    """Drop a model and its static decoders (the KL reference may still hold the weights)."""
+    for key in [k for k in _STATIC if k[0] == id(model)]:
+        del _STATIC[key]
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return None
 
 
 def _truncate_metrics(out, step):
@@ -1211,46 +1263,23 @@ BENCHMARKS = {"gsm8k": ("openai/gsm8k", "main", "test"),
               "aime24": ("HuggingFaceH4/aime_2024", None, "train"),
               "aime25": ("math-ai/aime25", None, "test"),
               "gpqa": ("Idavidrein/gpqa", "gpqa_diamond", "train")}
-GPQA_INSTRUCTION = "\n\nAnswer with the letter of the correct option, A, B, C or D, as your final answer."
 # The paper's Table 1 (Llama-3.2-3B-Instruct, greedy pass@1, %): vanilla GRPO / ThinkTuning.
 PAPER = {"math500": (45.46, 47.54), "gpqa": (24.19, 28.18)}
 
 
-def gpqa_item(row):
-    """Four options shuffled with a seed fixed per question (the same order on every run and machine)."""
-    options = [row["Correct Answer"]] + [row[f"Incorrect Answer {k}"] for k in (1, 2, 3)]
-    order = list(range(4))
-    random.Random(zlib.crc32(row["Question"].encode())).shuffle(order)
-    letters = "ABCD"
-    text = row["Question"].strip() + "\n\n" + "\n".join(
-        f"({letters[j]}) {str(options[o]).strip()}" for j, o in enumerate(order))
-    return {"question": text + GPQA_INSTRUCTION, "gold": letters[order.index(0)]}
-
-
 def load_benchmark(name, limit=None):
-    """[{'question', 'gold'}] for a benchmark name or a local file; GPQA rows become lettered questions."""
-    if name in BENCHMARKS:
-        hub, config, split = BENCHMARKS[name]
-        try:
-            rows = _read_table(hub, split, config)
-        except UserError as e:
-            if name == "gpqa":
-                raise UserError("GPQA-Diamond is gated on the Hub: accept its terms on the dataset page of "
-                                "Idavidrein/gpqa, run `hf auth login`, or pass a local file in its place")
-            raise e
-    else:
-        rows = _read_table(name, "train")
-    if not rows:
-        raise UserError(f"{name}: no rows")
-    if "Correct Answer" in rows[0]:
-        items = [gpqa_item(r) for r in rows]
-    else:
-        keys = set(rows[0])
-        qkey = next((k for k in ("question", "problem") if k in keys), None)
-        if qkey is None or "answer" not in keys:
-            raise UserError(f"{name}: rows need 'question' or 'problem' plus 'answer' fields (or GPQA's "
-                            f"'Question', 'Correct Answer', 'Incorrect Answer 1-3'); found {sorted(keys)}")
-        items = [{"question": r[qkey], "gold": gold_from_answer(r["answer"])} for r in rows]
+    """[{'question', 'gold'}] for a benchmark name or a local file with the same fields."""
+    if name not in BENCHMARKS:
+        items = to_problems(_read_table(name, "train"), name)
+        return items[:limit] if limit else items
+    hub, config, split = BENCHMARKS[name]
+    try:
+        items = to_problems(_read_table(hub, split, config), name)
+    except UserError:
+        if name == "gpqa":
+            raise UserError("GPQA-Diamond is gated on the Hub: accept its terms on the page of Idavidrein/gpqa "
+                            "and run `hf auth login` (or pass a local file in its place)")
+        raise
     return items[:limit] if limit else items
 
 
