@@ -1227,7 +1227,10 @@ def train(args):
             bar.set_postfix(reward=f"{row['reward']:.3f}", guided=len(guided), loss=f"{upd['loss']:.4f}")
             if teacher is not None and guidance_pct(step + 1, args.schedule_steps) == 0:
                 print(f"guidance is over after step {step}: plain GRPO from here on, teacher memory freed")
-                teacher = _free(teacher)
+                _forget_decoders(teacher)
+                teacher = None  # the last reference, unless the KL reference shares the weights
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
             if step % args.save_every == 0 or step == args.steps or stop_requested:
                 save_checkpoint(args.out, student, tok, opt, master, params, state)
             if stop_requested:
@@ -1239,13 +1242,10 @@ def train(args):
     return True
 
 
-def _free(model):
-    """Drop a model and its static decoders (the KL reference may still hold the weights)."""
+def _forget_decoders(model):
+    """Drop the static caches and compiled decode steps of a model that will not sample again."""
     for key in [k for k in _STATIC if k[0] == id(model)]:
         del _STATIC[key]
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    return None
 
 
 def _truncate_metrics(out, step):
