@@ -810,6 +810,14 @@ def test_bad_data_fails_before_loading_a_model(tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
 
 
+def test_existing_run_is_never_overwritten(model_dirs, train_file, tmp_path, capsys):
+    out = tmp_path / "keep"
+    assert run(base_args(model_dirs["random"], train_file, out, "--no-teacher", "--steps", 1)) == 0
+    before = (out / "metrics.jsonl").read_text()
+    assert run(base_args(model_dirs["random"], train_file, out, "--no-teacher", "--steps", 1)) == 2
+    assert "--resume" in capsys.readouterr().err and (out / "metrics.jsonl").read_text() == before
+
+
 def test_unknown_model_fails_in_one_line(train_file, tmp_path, capsys):
     assert run(["--model", "no-such-org/no-such-model", "--train-data", train_file, "--device", "cpu",
                 "--out", tmp_path / "x"]) == 2
@@ -862,12 +870,14 @@ def test_eval_counts_and_table(model_dirs, tmp_path, capsys):
     assert len(preds) == 7 and res["mini_a"]["truncated_pct"] == 0
     assert [p["extracted"] for p in preds] == ["5"] * 7
     assert [p["correct"] for p in preds if p["benchmark"] == "mini_a"] == [True, False, True, False, True]
-    # limit and sampling: 3 items x 2 samples, pass@2 reported
+    # limit and sampling: 3 items x 2 samples, pass@2 reported; mini_b's earlier results are kept
     assert run(["--model", model_dirs["bigram"], "--eval", str(a), "--out", out, "--device", "cpu",
                 "--max-new-tokens", 20, "--eval-limit", 3, "--eval-samples", 2, "--eval-temperature", 1.0]) == 0
-    res = json.load(open(out / "eval.json"))["results"]["mini_a"]
-    assert res["n"] == 3 and "pass@2" in res and len(read_jsonl(out / "eval_samples.jsonl")) == 6
-    preds = read_jsonl(out / "eval_samples.jsonl")
+    both = json.load(open(out / "eval.json"))["results"]
+    res = both["mini_a"]
+    assert res["n"] == 3 and "pass@2" in res and both["mini_b"]["n"] == 2
+    preds = [p for p in read_jsonl(out / "eval_samples.jsonl") if p["benchmark"] == "mini_a"]
+    assert len(preds) == 6 and len(read_jsonl(out / "eval_samples.jsonl")) == 8
     per_q = [sum(p["correct"] for p in preds if p["index"] == i) for i in range(3)]
     assert res["accuracy"] == pytest.approx(100 * sum(c / 2 for c in per_q) / 3)
     assert res["pass@2"] == pytest.approx(100 * sum(c > 0 for c in per_q) / 3)

@@ -1092,6 +1092,11 @@ def train(args):
     resuming = args.resume is not None
     if resuming and not os.path.exists(os.path.join(ckpt, "trainer_state.pt")):
         raise UserError(f"--resume {args.resume}: no checkpoint at {ckpt}")
+    if not resuming and os.path.exists(ckpt):
+        raise UserError(f"{args.out} already holds a training run: continue it with --resume {args.out}, "
+                        f"or choose another --out")
+    if not resuming and os.path.exists(os.path.join(args.out, "metrics.jsonl")):
+        raise UserError(f"{args.out} holds metrics of a run that saved no checkpoint: choose another --out")
     tok = load_tokenizer(ckpt if resuming else args.model)
     teacher_tok = None if args.no_teacher else load_tokenizer(args.teacher) if args.teacher else tok
     # the student's prompts, tokenised once; questions whose prompt is too long are skipped
@@ -1306,7 +1311,9 @@ def evaluate(model, tok, items, args, stops, pad_id, batch_size, max_new, desc="
                           "response": text, "extracted": extract_answer(text),
                           "correct": bool(f and grade(text, items[i]["gold"])), "finished": f, "length": len(r)})
     preds.sort(key=lambda p: (p["index"], p["sample"]))
-    correct = [sum(p["correct"] for p in preds if p["index"] == i) for i in range(len(items))]
+    correct = [0] * len(items)  # correct samples per question
+    for p in preds:
+        correct[p["index"]] += p["correct"]
     summary = {"n": len(items), "samples": k, "accuracy": 100 * sum(c / k for c in correct) / len(items),
                "mean_length": sum(p["length"] for p in preds) / len(preds),
                "truncated_pct": 100 * sum(not p["finished"] for p in preds) / len(preds)}
@@ -1340,11 +1347,16 @@ def run_eval(args):
         results[name], preds = evaluate(model, tok, items, args, stops, pad_id, args.eval_batch_size,
                                         args.eval_max_new_tokens or args.max_new_tokens, desc=name)
         all_preds += [{"benchmark": name, **p} for p in preds]
-    with open(os.path.join(args.out, "eval.json"), "w") as f:
+    # earlier results in OUT for other benchmarks are kept; the ones evaluated again are replaced
+    json_path, samples_path = os.path.join(args.out, "eval.json"), os.path.join(args.out, "eval_samples.jsonl")
+    kept = json.load(open(json_path))["results"] if os.path.exists(json_path) else {}
+    kept_preds = [line for line in open(samples_path) if json.loads(line)["benchmark"] not in results] \
+        if os.path.exists(samples_path) else []
+    with open(json_path, "w") as f:
         json.dump({"model": args.model, "samples": args.eval_samples, "temperature": args.eval_temperature,
-                   "results": results}, f, indent=1)
-    with open(os.path.join(args.out, "eval_samples.jsonl"), "w") as f:
-        f.writelines(json.dumps(p) + "\n" for p in all_preds)
+                   "results": {**kept, **results}}, f, indent=1)
+    with open(samples_path, "w") as f:
+        f.writelines(kept_preds + [json.dumps(p) + "\n" for p in all_preds])
     print(eval_table(results))
     return results
 
