@@ -603,6 +603,26 @@ def test_response_logprobs_temperature(tok):
     assert lp[0, 1].item() == pytest.approx(logits[4, 15].item(), abs=1e-5)
 
 
+def test_response_logprobs_with_soft_capped_head(tok):
+    from transformers import Gemma2Config
+    cfg = Gemma2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, final_logit_softcapping=2.0,
+                       pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(200)  # logits large enough for the cap to matter
+    p, r = [[0, 3, 9, 1]], [[14, 15, 16]]
+    lp = tt.response_logprobs(model, p, r, 1.0, tok.pad_token_id)
+    with torch.no_grad():
+        out = model(torch.tensor([p[0] + r[0]]), output_hidden_states=True)
+        capped = out.logits[0].log_softmax(-1)  # the model applies the cap itself
+        uncapped = model.lm_head(out.hidden_states[-1][0]).log_softmax(-1)
+    for t, y in enumerate(r[0]):
+        assert lp[0, t].item() == pytest.approx(capped[3 + t, y].item(), abs=1e-4)
+    assert (capped - uncapped).abs().max() > 0.1
+
+
 def test_right_pad_mask_from_lengths(tok):
     pad = tok.pad_token_id
     ids, mask = tt.right_pad([[3, pad, 4], [pad]], pad, "cpu")  # a real token equal to pad stays unmasked

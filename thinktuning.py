@@ -853,15 +853,18 @@ def right_pad(seqs, pad_id, device):
     return ids.to(device), mask.to(device)
 
 
-def _token_logp(head, h, target, temperature):
-    logits = head(h).float() / temperature  # [n, V]
+def _token_logp(head, h, target, temperature, scale, softcap):
+    logits = head(h).float() * scale  # [n, V]; scale: Cohere's logit_scale, else 1
+    if softcap:  # Gemma-2's final logit soft-capping
+        logits = torch.tanh(logits / softcap) * softcap
+    logits = logits / temperature
     return logits.gather(-1, target[:, None]).squeeze(-1) - logits.logsumexp(-1)  # [n]
 
 
 def response_logprobs(model, prompts, responses, temperature, pad_id, chunk=1024):
     """[n, T] log pi(y_t | x, y_<t) / temperature-scaled, for every response token (0 past each response).
     The LM head runs only on response positions, in chunks that are recomputed in the backward pass, so the
-    [n, L, V] float32 logits never exist at once. (Assumes a plain linear head: no logit soft-capping.)"""
+    [n, L, V] float32 logits never exist at once."""
     ids, attn = right_pad([p + r for p, r in zip(prompts, responses)], pad_id, model.device)  # [n, L]
     hidden = model.base_model(input_ids=ids, attention_mask=attn).last_hidden_state  # [n, L, H]
     plen = torch.tensor([len(p) for p in prompts], device=model.device)  # [n]
@@ -871,10 +874,11 @@ def response_logprobs(model, prompts, responses, temperature, pad_id, chunk=1024
     src = (plen[:, None] + t[None] - 1).clamp(max=ids.shape[1] - 2)  # [n, T] position whose output predicts y_t
     rows = torch.arange(len(prompts), device=model.device)[:, None]
     h, target = hidden[rows, src][mask], ids[rows, src + 1][mask]  # [m, H], [m]
-    head = model.get_output_embeddings()
+    head, cfg = model.get_output_embeddings(), model.config
+    scale, softcap = getattr(cfg, "logit_scale", None) or 1.0, getattr(cfg, "final_logit_softcapping", None)
     parts = []
     for i in range(0, len(target), chunk):
-        args = (head, h[i:i + chunk], target[i:i + chunk], temperature)
+        args = (head, h[i:i + chunk], target[i:i + chunk], temperature, scale, softcap)
         parts.append(torch.utils.checkpoint.checkpoint(_token_logp, *args, use_reentrant=False)
                      if torch.is_grad_enabled() else _token_logp(*args))
     out = torch.zeros(mask.shape, device=model.device)  # [n, T]
