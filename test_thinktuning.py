@@ -381,6 +381,12 @@ def test_group_advantages_by_hand():
     assert torch.allclose(a, torch.tensor(expected), atol=1e-6)
 
 
+def test_reward_needs_eos_and_the_right_answer():
+    assert tt.reward("So the answer is \\boxed{5}.", True, "5") == 1.0
+    assert tt.reward("So the answer is \\boxed{5}.", False, "5") == 0.0  # right answer, but cut off before EOS
+    assert tt.reward("So the answer is \\boxed{6}.", True, "5") == 0.0
+
+
 def test_group_advantages_all_zero_groups():
     assert torch.equal(tt.group_advantages(torch.zeros(10), 5), torch.zeros(10))
 
