@@ -667,6 +667,14 @@ def test_decode_attention_matches_repeated_kv():
     assert out.shape == (B, 1, H, D) and torch.allclose(out, ref.transpose(1, 2), atol=1e-6)
 
 
+def test_decode_attention_does_not_leak_into_checkpoints(tok, tmp_path):
+    model = make_model(tok)
+    tt._use_decode_attention(model)  # what the fast path does to the student on the GPU
+    assert model.config._attn_implementation == "thinktuning_decode"
+    model.save_pretrained(tmp_path)
+    assert AutoModelForCausalLM.from_pretrained(tmp_path).config._attn_implementation == "sdpa"
+
+
 def test_static_cache_release_and_reuse(tok):
     # on the GPU the cache's tensors are freed after every call; the next call must allocate them again
     model = make_model(tok, seed=4)
