@@ -35,9 +35,13 @@ from tqdm import tqdm
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="ThinkTuning (teacher-guided GRPO) or vanilla GRPO, on one GPU.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    a = p.add_argument
+    p = argparse.ArgumentParser(description="ThinkTuning (teacher-guided GRPO) or vanilla GRPO, on one GPU.")
+
+    def a(*flags, **kw):  # add_argument, with the default shown where there is one
+        if kw.get("default") is not None and "action" not in kw:
+            kw["help"] += " [%(default)s]"
+        p.add_argument(*flags, **kw)
+
     # models and data
     a("--model", help="student: a Hub name or a local folder (required unless --resume)")
     a("--teacher", help="teacher model; default: a frozen copy of --model's initial weights (the paper's choice)")
