@@ -1095,6 +1095,7 @@ def save_checkpoint(out, model, tok, opt, master, params, state):
 
 def train(args):
     problems = load_problems(args.train_data)  # data errors end the run before any model is loaded
+    eval_items = load_benchmark(args.eval_data, args.eval_every_limit) if args.eval_every else None
     os.makedirs(args.out, exist_ok=True)
     ckpt = os.path.join(args.out, "ckpt")
     resuming = args.resume is not None
@@ -1226,8 +1227,9 @@ def train(args):
                    "finished_frac": sum(it["finished"] for it in items) / len(items),
                    "reflect_rate": _nanmean([float(bool(REFLECTIVE.search(it["text"]))) for it in own]),
                    **upd, "t_student": t1 - t0, "t_teacher": t2 - t1, "t_logprob": t3 - t2, "t_update": t4 - t3}
-            if args.eval_every and step % args.eval_every == 0:
-                row.update(eval_during_training(student, tok, args, stops, pad_id))
+            if args.eval_every and step % args.eval_every == 0:  # held-out accuracy, in the sampler's shape
+                held_out, _ = evaluate(student, tok, eval_items, stops, pad_id, n_roll, args.max_new_tokens, args.fast)
+                row.update(eval_accuracy=held_out["accuracy"], eval_truncated_pct=held_out["truncated_pct"])
             with open(metrics_path, "a") as f:
                 f.write(json.dumps({k: None if v != v else v for k, v in row.items()}) + "\n")  # NaN -> null
             with open(samples_path, "a") as f:
@@ -1301,10 +1303,9 @@ def pass_at_k(n, c, k):
     return 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
-def evaluate(model, tok, items, args, stops, pad_id, batch_size, max_new, desc="eval"):
-    """Generate for every item (k samples each), grade, and return (summary, predictions)."""
-    k = args.eval_samples
-    temperature = args.eval_temperature if k > 1 else 0.0
+def evaluate(model, tok, items, stops, pad_id, batch_size, max_new, fast, k=1, temperature=0.0, desc="eval"):
+    """Generate k samples per item (greedy when k = 1), grade, and return (summary, predictions)."""
+    temperature = temperature if k > 1 else 0.0
     prompts = [student_prompt(tok, it["question"]) for it in items]
     order = sorted(range(len(items)), key=lambda i: (len(prompts[i]), i))  # similar lengths share a batch
     prompt_len = -(-max(len(p) for p in prompts) // 64) * 64  # one static shape for the whole benchmark
@@ -1312,7 +1313,7 @@ def evaluate(model, tok, items, args, stops, pad_id, batch_size, max_new, desc="
     for b in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
         idx = [i for i in order[b:b + batch_size] for _ in range(k)]
         responses, finished = generate(model, [prompts[i] for i in idx], max_new, stops, pad_id, temperature,
-                                       1.0, args.fast, batch=batch_size * k, prompt_len=prompt_len)
+                                       1.0, fast, batch=batch_size * k, prompt_len=prompt_len)
         for j, (i, r, f) in enumerate(zip(idx, responses, finished)):
             text = tok.decode(r, skip_special_tokens=True)
             preds.append({"index": i, "sample": j % k, "question": items[i]["question"], "gold": items[i]["gold"],
@@ -1352,8 +1353,9 @@ def run_eval(args):
     os.makedirs(args.out, exist_ok=True)
     results, all_preds = {}, []
     for name, items in sets.items():
-        results[name], preds = evaluate(model, tok, items, args, stops, pad_id, args.eval_batch_size,
-                                        args.eval_max_new_tokens or args.max_new_tokens, desc=name)
+        results[name], preds = evaluate(model, tok, items, stops, pad_id, args.eval_batch_size,
+                                        args.eval_max_new_tokens or args.max_new_tokens, args.fast,
+                                        args.eval_samples, args.eval_temperature, desc=name)
         all_preds += [{"benchmark": name, **p} for p in preds]
     # earlier results in OUT for other benchmarks are kept; the ones evaluated again are replaced
     json_path, samples_path = os.path.join(args.out, "eval.json"), os.path.join(args.out, "eval_samples.jsonl")
@@ -1386,18 +1388,6 @@ def compare_runs(folders):
         lines.append(f"| {b} | " + " | ".join(cells + paper) + " |")
     print("\n".join(lines))
     return "\n".join(lines)
-
-
-def eval_during_training(model, tok, args, stops, pad_id):
-    """--eval-every: accuracy on a held-out slice, in the rollout sampler's shape (no second compilation)."""
-    if not hasattr(eval_during_training, "items"):
-        eval_during_training.items = load_benchmark(args.eval_data, args.eval_every_limit)
-    saved = args.eval_samples
-    args.eval_samples = 1
-    summary, _ = evaluate(model, tok, eval_during_training.items, args, stops, pad_id,
-                          args.prompts_per_step * args.group_size, args.max_new_tokens, desc="eval")
-    args.eval_samples = saved
-    return {"eval_accuracy": summary["accuracy"], "eval_truncated_pct": summary["truncated_pct"]}
 
 
 # ================================================================================================ 11. main
