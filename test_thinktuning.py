@@ -749,6 +749,7 @@ def test_two_training_steps_with_teacher(model_dirs, train_file, tmp_path):
     samples = read_jsonl(out / "samples.jsonl")
     guided = [s for s in samples if s["guided"]]
     assert guided and all(s["teacher"] == "checkedso\\boxed{5}" for s in guided)
+    assert all(s["reward"] == float(s["gold"] == "5") for s in guided)  # graded on the teacher's answer
     assert (out / "ckpt" / "model.safetensors").exists()
     moved = (weights(out / "ckpt") - weights(model_dirs["bigram"])).abs().max()
     assert moved > 0

@@ -1201,9 +1201,9 @@ def train(args):
             asked, passed = guide(items, chosen, tok, teacher, teacher_tok, args) if chosen else (0, 0)
             t2 = sync(args.device)
             # 6-7. rewards and group advantages
-            for it in items:
+            for it in items:  # a guided response is graded on its last answer, the teacher's
                 it["text"] = tok.decode(it["response"], skip_special_tokens=True)
-                it["reward"] = reward(it["text"], it["finished"], it["gold"])
+                it["reward"] = reward(it["teacher_text"] if it["guided"] else it["text"], it["finished"], it["gold"])
             rewards = torch.tensor([it["reward"] for it in items])
             for it, a in zip(items, group_advantages(rewards, args.group_size).tolist()):
                 it["adv"] = a
