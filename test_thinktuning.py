@@ -652,6 +652,20 @@ def test_static_sampler_matches_generate(tok, temperature, top_p):
         assert len({tuple(r) for r in plain}) > 1
 
 
+def test_compiled_decode_step_matches_generate(tok):
+    # the GPU path compiles the one-token step; inductor compiles it on the CPU too (CUDA graphs aside)
+    model = make_model(tok, seed=3)
+    prompts, stops = [[0, 3, 9, 1, 0, 4], [0, 3, 10, 11, 12, 13, 14, 1, 0, 4], [0, 4]], [tok.eos_token_id]
+    tt._static_decoder(model, 4, 16 + 12, compile_step=True)  # the entry generate_static will use
+    torch.manual_seed(7)
+    plain = tt.generate_plain(model, prompts, 12, stops, tok.pad_token_id, 1.0, 1.0)
+    for _ in range(2):  # the second call reuses the compiled step
+        torch.manual_seed(7)
+        fast = tt.generate_static(model, prompts, 12, stops, tok.pad_token_id, 1.0, 1.0, batch=4, prompt_len=16)
+        assert [tt.cut_at_stop(r, set(stops)) for r in fast] == [tt.cut_at_stop(r, set(stops)) for r in plain]
+    assert tt._STATIC[(id(model), 4, 28)]["step"] is not tt._STATIC[(id(model), 4, 28)]["eager"]
+
+
 def test_decode_attention_matches_repeated_kv():
     # one query token, 8 query heads sharing 2 KV heads, a padding mask: against SDPA on repeated KV heads
     g = torch.Generator().manual_seed(0)

@@ -641,7 +641,8 @@ def _use_decode_attention(model):
     model.set_attn_implementation("thinktuning_decode")
 
 
-def _static_decoder(model, batch, length):
+def _static_decoder(model, batch, length, compile_step=None):
+    """The static cache and decode step of `model` for this shape, made on first use (compiled on GPUs)."""
     key = (id(model), batch, length)
     if key not in _STATIC:
         from transformers import StaticCache
@@ -653,13 +654,14 @@ def _static_decoder(model, batch, length):
                          **{kw: cache}).logits[:, -1].float()
 
         on_gpu = model.device.type == "cuda"
-        if on_gpu:  # a compilation per shape and model, a re-recording per call: lift the default limits
+        compile_step = on_gpu if compile_step is None else compile_step
+        if compile_step:  # a compilation per shape and model, a re-recording per call: lift the default limits
             cfg = torch._dynamo.config
             limit = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
             setattr(cfg, limit, max(64, getattr(cfg, limit)))
             torch._inductor.config.triton.cudagraph_unexpected_rerecord_limit = 1 << 30
         _STATIC[key] = {"cache": cache, "kw": kw, "eager": step,
-                        "step": torch.compile(step, mode="reduce-overhead", dynamic=False) if on_gpu else step}
+                        "step": torch.compile(step, mode="reduce-overhead", dynamic=False) if compile_step else step}
     return _STATIC[key]
 
 
