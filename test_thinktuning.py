@@ -220,6 +220,11 @@ GRADER_CASES = [
     ("Final Answer: $\\frac{3}{5}$", "0.6", True),
     ("Final Answer: $\\frac{3}{5}$", "0.5", False),
     ("So the answer is:\n\n15", "15", True),
+    ("So, the final answer is:\n\n$$\n\\frac{3}{4}\n$$", "0.75", True),
+    ("So, the final answer is:\n\n$$\n\\frac{3}{4}\n$$", "\\frac{4}{3}", False),
+    ("The final answer is:\n\\[\nx = 12\n\\]\nThis completes the solution.", "12", True),
+    ("The final answer is:\n\\[\n\\frac{15}{1500} = 25\n\\]", "9", False),
+    ("So the answer is:\n$$\n\\frac{1}{2", "\\frac{1}{2}", False),  # block never closed
     ("The answer is 18. I hope this helps!", "18", True),
     ("The answer is $18.50. That is what she pays.", "18.5", True),
     ("The answer is 3.5 hours.", "3.5", True),

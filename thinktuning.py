@@ -344,6 +344,10 @@ def _sentence_after(text, i):
     """The text from i to the end of its sentence: a newline, or a '.'/'!'/'?' followed by a space or the end."""
     while i < len(text) and text[i].isspace():  # "The answer is:\n\n18"
         i += 1
+    for opening, closing in (("$$", "$$"), ("\\[", "\\]")):  # "The answer is:\n$$\n\\frac{1}{2}\n$$": the block
+        if text.startswith(opening, i):
+            j = text.find(closing, i + 2, i + 2 + MAX_ANSWER_CHARS)
+            return (text[i + 2:j], j + 2) if j > 0 else ("", i)
     j, end = i, min(len(text), i + MAX_ANSWER_CHARS)
     while j < end and text[j] != "\n":
         if text[j] in ".!?" and (j + 1 == len(text) or text[j + 1].isspace()) and text[j - 1] != "\\":  # not \\!
