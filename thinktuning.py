@@ -909,6 +909,8 @@ def load_tokenizer(name):
                         f"({msg}); check the name, the path or your network")
     if tok.eos_token_id is None:
         raise UserError(f"{name}: the tokenizer has no EOS token, so finished responses cannot be recognised")
+    if getattr(tok, "chat_template", None) is None:
+        print(f"note: {name} has no chat template; prompts are plain 'User: ... Assistant:' turns")
     return tok
 
 
@@ -973,8 +975,9 @@ REFLECTIVE = re.compile(r"\b(?:wait|let me check|let me verify|verify|double-che
 
 
 def sync(device):
+    """A timestamp after the device has finished its queued work (GPU work runs asynchronously)."""
     if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
     return time.perf_counter()
 
 
