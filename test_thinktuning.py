@@ -565,6 +565,21 @@ def test_parse_teacher_rejects_malformed(text):
     assert tt.parse_teacher(text) is None
 
 
+def test_render_chat_template_and_fallbacks():
+    tok = make_tokenizer()
+    ids = tt.render_chat(tok, [{"role": "user", "content": "w1 is"}])
+    assert tok.convert_ids_to_tokens(ids) == ["<|im_start|>", "user", "w1", "is", "<|im_end|>", "<|im_start|>",
+                                              "assistant"]
+    # a template that rejects a system turn: the system text is folded into the first user turn
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system') }}"
+                         "{% endif %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}")
+    ids = tt.render_chat(tok, [{"role": "system", "content": "w1"}, {"role": "user", "content": "w2"}])
+    assert tok.convert_ids_to_tokens(ids) == ["<|im_start|>", "w1", "w2", "<|im_end|>"]
+    tok.chat_template = None  # a base model: "User: w1 is\n\nAssistant:" ("User", "Assistant" are unknown words here)
+    ids = tt.render_chat(tok, [{"role": "user", "content": "w1 is"}])
+    assert tok.convert_ids_to_tokens(ids) == ["<unk>", ":", "w1", "is", "<unk>", ":"]
+
+
 def test_splice_ids(tok):
     eos = tok.eos_token_id
     response = [5, 6, 7, eos]
