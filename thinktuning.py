@@ -328,10 +328,11 @@ def _box_before(text, end):
 # Phrases that commit to a final answer; the sentence after the last one is the answer.
 _ANSWER_PHRASE = re.compile(r"(?:final answer|the answer|correct answer|correct option|correct choice|answer)"
                             r"[ \t*]*(?:is|:|=)[ \t*:]*|####[ \t]*", re.IGNORECASE)
-# An answer followed by one of these was taken back. ("Wait, let me double-check... yes" is not a retraction.)
+# An answer followed by one of these was taken back or hedged. ("Wait, let me double-check... yes" is neither.)
 _RETRACTION = re.compile(r"\b(?:(?:that's|that is|this is|it's|it is|is|was) (?:wrong|incorrect|not right|not correct)|"
                          r"made (?:a|an) (?:mistake|error)|my mistake|miscalculated|scratch that|on second thought|"
-                         r"wait, no|no, wait|let me (?:redo|recalculate|re-calculate|start over))\b", re.IGNORECASE)
+                         r"wait, no|no, wait|let me (?:redo|recalculate|re-calculate|start over)|"
+                         r"or (?:maybe|perhaps|possibly)|(?<=[.!?] )or \$?-?\d)\b", re.IGNORECASE)  # hedges too
 _NUMBER = re.compile(r"(?<![A-Za-z\d.])-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|(?<![A-Za-z\d])-?\.\d+")
 _HEDGE = re.compile(r"\d\s*(?:\)|\})?\s*(?:or|and/or)\s+\$?\\?\(?-?\d", re.IGNORECASE)
 # A final sentence that stops on one of these was cut off mid-thought (a truncated output).
