@@ -999,6 +999,12 @@ def test_out_of_memory_names_the_flags(monkeypatch, capsys, train_file):
     assert "--micro-batch" in err and "--prompts-per-step" in err and len(err.splitlines()) == 1
 
 
+def test_unknown_benchmark_lists_the_names(capsys):
+    assert run(["--model", "x", "--eval", "gsm8", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "unknown benchmark 'gsm8'" in err and "math500" in err and len(err.splitlines()) == 1
+
+
 def test_gpqa_unreachable_says_how_to_get_it():
     with pytest.raises(tt.UserError, match="gated"):
         tt.load_benchmark("gpqa")

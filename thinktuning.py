@@ -1295,6 +1295,8 @@ PAPER = {"math500": (45.46, 47.54), "gpqa": (24.19, 28.18)}
 def load_benchmark(name, limit=None):
     """[{'question', 'gold'}] for a benchmark name or a local file with the same fields."""
     if name not in BENCHMARKS:
+        if not os.path.exists(name) and "/" not in name:
+            raise UserError(f"unknown benchmark {name!r}: use {', '.join(BENCHMARKS)}, a Hub dataset or a local file")
         items = to_problems(_read_table(name, "train"), name)
         return items[:limit] if limit else items
     hub, config, split = BENCHMARKS[name]
