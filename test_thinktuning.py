@@ -511,6 +511,13 @@ def test_policy_loss_gradient_matches_formula_on_random_batch():
     assert torch.allclose(logp.grad * mask.sum(), expected, atol=1e-10)
 
 
+def test_kl_k3_by_hand():
+    # delta = ref - logp; k3 = exp(delta) - delta - 1: 0 when equal, and 0.5 + ln 2 - 1 for p = 0.5, ref = 0.25
+    logp = torch.log(torch.tensor([[0.5, 0.3]]))
+    got = tt.kl_k3(logp, torch.log(torch.tensor([[0.25, 0.3]])))
+    assert torch.allclose(got, torch.tensor([[0.5 + math.log(2) - 1, 0.0]]), atol=1e-6)
+
+
 # --------------------------------------------------------------------------------------------- schedule, selection
 def test_guidance_schedule_authors_setting():
     on = [s for s in range(1, 59) if tt.guidance_pct(s, 50) > 0]
@@ -798,6 +805,13 @@ def test_two_training_steps_without_teacher(model_dirs, train_file, tmp_path):
     rows = read_jsonl(out / "metrics.jsonl")
     assert [r["n_guided"] for r in rows] == [0, 0] and [r["aas_tokens"] for r in rows] == [0, 0]
     assert all(r["guidance_pct"] == 0 for r in rows)
+
+
+def test_kl_penalty_uses_the_frozen_initial_model(model_dirs, train_file, tmp_path):
+    out = tmp_path / "kl"
+    assert run(base_args(model_dirs["bigram"], train_file, out, "--kl-beta", 0.1, "--lr", 1e-3)) == 0
+    kl = [r["kl"] for r in read_jsonl(out / "metrics.jsonl")]
+    assert all(k >= 0 for k in kl) and kl[1] > 0  # the student has moved away from the reference by step 2
 
 
 def test_teacher_is_freed_when_guidance_ends(model_dirs, train_file, tmp_path, capsys):

@@ -134,6 +134,8 @@ def check_args(args):
 STUDENT_INSTRUCTION = ("{question}\n\nWork through the problem step by step, then write your final answer "
                        "inside \\boxed{{}}.")
 
+GPQA_INSTRUCTION = "\n\nAnswer with the letter of the correct option, A, B, C or D, as your final answer."
+
 TEACHER_SYSTEM = """You coach students in mathematics by speaking as the student's own inner voice.
 You will see a problem and a student's written solution. Reply in exactly three tagged parts and nothing else:
 <opinion>correct</opinion> or <opinion>incorrect</opinion>: your judgement of the student's final answer.
@@ -210,15 +212,12 @@ def render_chat(tok, messages):
     return tok(text, add_special_tokens=False)["input_ids"]  # the template already holds BOS where needed
 
 
-GPQA_INSTRUCTION = "\n\nAnswer with the letter of the correct option, A, B, C or D, as your final answer."
-
-
 def student_prompt(tok, question):
     return render_chat(tok, [{"role": "user", "content": STUDENT_INSTRUCTION.format(question=question)}])
 
 
 # ================================================================================================ 3. data
-HUB_CONFIGS = {"openai/gsm8k": "main", "Idavidrein/gpqa": "gpqa_diamond"}  # Hub datasets with several configs
+HUB_CONFIGS = {"openai/gsm8k": "main"}  # training sets on the Hub with several configs
 
 
 def gold_from_answer(answer):
@@ -357,6 +356,11 @@ def _sentence_after(text, i):
     return text[i:j], j
 
 
+def _taken_back(text, i):
+    """Whether the 300 characters after position i retract or hedge the answer that ends there."""
+    return _RETRACTION.search(text[i:i + 300]) is not None
+
+
 def _boxed_answer(text, box):
     """The content of the last box; two different boxes in its sentence are a list, or a hedge if joined by 'or'."""
     start, stop, content = box
@@ -369,21 +373,27 @@ def _boxed_answer(text, box):
         if re.search(r"\bor\b", between):  # "\boxed{18} or \boxed{20}"
             return None
         content = f"{prev[2]}, {content}"  # "\boxed{-2} and \boxed{3}": compared as a list
-    if _RETRACTION.search(text[stop:stop + 300]):  # taken back: only a later answer phrase can replace it
+    if _taken_back(text, stop):  # only a later answer phrase can replace it
         return _phrase_answer(text[stop:])
     return content
 
 
-def _phrase_answer(text):
-    """The sentence after the last "final answer is" / "Answer:" / "####", unless hedged or taken back."""
+def _last_phrase(text):
+    """The last "final answer is" / "Answer:" / "####" in (the last 20 kB of) the text, or None."""
     last = None
     for last in _ANSWER_PHRASE.finditer(text, max(0, len(text) - 20_000)):
         pass
-    if last is None:
+    return last
+
+
+def _phrase_answer(text, phrase=None):
+    """The sentence after the last answer phrase, unless hedged or taken back."""
+    phrase = phrase or _last_phrase(text)
+    if phrase is None:
         return None
-    answer, stop = _sentence_after(text, last.end())
+    answer, stop = _sentence_after(text, phrase.end())
     answer = answer.strip().strip("*").strip()
-    if not answer or _HEDGE.search(answer) or _RETRACTION.search(text[stop:stop + 300]):
+    if not answer or _HEDGE.search(answer) or _taken_back(text, stop):
         return None
     return answer
 
@@ -414,9 +424,9 @@ def extract_answer(text):
     b = text.find("</answer>", a) if a >= 0 else -1
     if 0 <= a < b and b - a < MAX_ANSWER_CHARS:
         content = text[a + 8:b].strip()
-        return content if content and not _RETRACTION.search(text[b:b + 300]) else None
-    phrase = _ANSWER_PHRASE.search(text, max(0, len(text) - 20_000))
-    return _phrase_answer(text) if phrase else _final_sentence_answer(text)
+        return content if content and not _taken_back(text, b) else None
+    phrase = _last_phrase(text)
+    return _phrase_answer(text, phrase) if phrase else _final_sentence_answer(text)
 
 
 _UNWRAP = re.compile(r"\\(?:text|textbf|textit|textnormal|mathbf|mathrm|mathit|mbox|operatorname)\s*\{([^{}]*)\}")
@@ -446,9 +456,6 @@ def normalize_answer(s):
     s = re.sub(r"\\frac(\d)\{", r"\\frac{\1}{", s)  # \frac1{2}
     s = re.sub(r"\\sqrt(\d+)", r"\\sqrt{\1}", s)  # \sqrt2
     return s.lower()
-
-
-_DEC = r"(-?)(\d*\.?\d+)"
 
 
 def to_number(s):
@@ -509,8 +516,6 @@ def answers_match(pred, gold):
     if "=" in pred and "=" not in gold:  # "2+3=5 cents": the right side, unless the gold is an equation itself
         pred = pred.rsplit("=", 1)[1]
     p = normalize_answer(pred)
-    if not p or not g:
-        return False
     p, g = (s[1:-1] if s[:1] == "(" and s[-1:] == ")" and len(_split_top(s[1:-1])) == 1 else s for s in (p, g))
     if not p or not g:
         return False
@@ -544,6 +549,15 @@ def grade(response, gold):
 # ================================================================================================ 5. sampling
 # Rollouts are lists of token ids exactly as sampled (never decoded and re-encoded). A response ends at its
 # first stop token, which it keeps: EOS is part of the response, of its mask and of the loss.
+
+
+def pad_token_id(tok):
+    """The tokenizer's pad id, or EOS where it has none. Masks never compare ids with it."""
+    return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+
+def round_up(n, multiple=64):
+    return -(-n // multiple) * multiple
 
 
 def stop_ids(tok, model):
@@ -994,7 +1008,7 @@ def guide(items, chosen, student_tok, teacher, teacher_tok, args):
     if not queries:
         return 0, 0
     t_stops = stop_ids(teacher_tok, teacher)
-    t_pad = teacher_tok.pad_token_id if teacher_tok.pad_token_id is not None else teacher_tok.eos_token_id
+    t_pad = pad_token_id(teacher_tok)
     fast_batch = args.prompts_per_step * max(1, math.floor(args.group_size * 0.1))
     replies, finished = generate(teacher, [q for _, q in queries], args.teacher_max_new_tokens, t_stops, t_pad,
                                  0.0, 1.0, args.fast, batch=fast_batch, prompt_len=args.teacher_max_prompt_len)
@@ -1010,6 +1024,11 @@ def guide(items, chosen, student_tok, teacher, teacher_tok, args):
         items[i].update(response=ids, finished=True, guided=True, n_student=n_student,
                         teacher_text=student_tok.decode(ids[n_student:], skip_special_tokens=True))
     return len(queries), passed
+
+
+def _nanmean(xs):
+    xs = [x for x in xs if x == x]
+    return sum(xs) / len(xs) if xs else float("nan")
 
 
 def pad_rows(rows, width):
@@ -1039,9 +1058,9 @@ def update(model, items, old_logp, ref_logp, opt, params, master, args, pad_id, 
             adv = torch.tensor([items[i]["adv"] for i in sub], device=logp.device)  # [n]
             loss, st = policy_loss(logp, old, adv, mask, guided, args.clip_eps, args.dual_clip)
             if args.kl_beta > 0:
-                kl = kl_k3(logp, pad_rows([ref_logp[i] for i in sub], T))  # [n, T]
-                loss = loss + args.kl_beta * (kl * mask).sum() / mask.sum()
-                st["kl"] = ((kl * mask).sum() / mask.sum()).item()
+                kl = ((kl_k3(logp, pad_rows([ref_logp[i] for i in sub], T)) * mask).sum() / mask.sum())  # token mean
+                loss = loss + args.kl_beta * kl
+                st["kl"] = kl.item()
             if not torch.isfinite(loss):
                 finite = False
                 break
@@ -1049,7 +1068,6 @@ def update(model, items, old_logp, ref_logp, opt, params, master, args, pad_id, 
             stats.append(st)
             losses.append(loss.item() * mask.sum().item() / n_tokens)
         if not finite:  # skip this update, keep training
-            opt.zero_grad(set_to_none=True)
             for p in params:
                 p.grad = None
             skipped += 1
@@ -1063,11 +1081,6 @@ def update(model, items, old_logp, ref_logp, opt, params, master, args, pad_id, 
             "clip_frac": mean("clip_frac"), "dual_clip_frac": mean("dual_clip_frac"),
             "aas_weight": mean("aas_weight"), "aas_tokens": sum(s["aas_tokens"] for s in stats),
             **({"kl": mean("kl")} if args.kl_beta > 0 else {})}
-
-
-def _nanmean(xs):
-    xs = [x for x in xs if x == x]
-    return sum(xs) / len(xs) if xs else float("nan")
 
 
 @torch.no_grad()
@@ -1125,7 +1138,7 @@ def train(args):
     problems = [p for p in problems if len(p["prompt"]) <= args.max_prompt_len]
     if not problems:
         raise UserError(f"every prompt of {args.train_data} is longer than --max-prompt-len {args.max_prompt_len}")
-    prompt_width = -(-max(len(p["prompt"]) for p in problems) // 64) * 64  # the student cache's fixed prompt part
+    prompt_width = round_up(max(len(p["prompt"]) for p in problems))  # the student cache's fixed prompt part
 
     # CPU first: RNG states must be CPU tensors; the optimizer moves its state to the parameters' device
     saved = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False, map_location="cpu") \
@@ -1161,7 +1174,7 @@ def train(args):
     with open(os.path.join(args.out, "args.json"), "w") as f:
         json.dump(vars(args), f, indent=1)
 
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad_id = pad_token_id(tok)
     stops = stop_ids(tok, student)
     n_roll = args.prompts_per_step * args.group_size
     n_params = sum(p.numel() for p in params)
@@ -1282,26 +1295,22 @@ def _truncate_metrics(out, step):
 
 
 # ================================================================================================ 10. evaluation
-# name -> (Hub dataset, config, split). A path to a local file with the same fields works in place of a name.
-BENCHMARKS = {"gsm8k": ("openai/gsm8k", "main", "test"),
-              "math500": ("HuggingFaceH4/MATH-500", None, "test"),
-              "aime24": ("HuggingFaceH4/aime_2024", None, "train"),
-              "aime25": ("math-ai/aime25", None, "test"),
-              "gpqa": ("Idavidrein/gpqa", "gpqa_diamond", "train")}
+# name -> (Hub dataset, split, config). A path to a local file with the same fields works in place of a name.
+BENCHMARKS = {"gsm8k": ("openai/gsm8k", "test", "main"),
+              "math500": ("HuggingFaceH4/MATH-500", "test", None),
+              "aime24": ("HuggingFaceH4/aime_2024", "train", None),
+              "aime25": ("math-ai/aime25", "test", None),
+              "gpqa": ("Idavidrein/gpqa", "train", "gpqa_diamond")}
 # The paper's Table 1 (Llama-3.2-3B-Instruct, greedy pass@1, %): vanilla GRPO / ThinkTuning.
 PAPER = {"math500": (45.46, 47.54), "gpqa": (24.19, 28.18)}
 
 
 def load_benchmark(name, limit=None):
-    """[{'question', 'gold'}] for a benchmark name or a local file with the same fields."""
-    if name not in BENCHMARKS:
-        if not os.path.exists(name) and "/" not in name:
-            raise UserError(f"unknown benchmark {name!r}: use {', '.join(BENCHMARKS)}, a Hub dataset or a local file")
-        items = to_problems(_read_table(name, "train"), name)
-        return items[:limit] if limit else items
-    hub, config, split = BENCHMARKS[name]
+    """[{'question', 'gold'}] for a benchmark name, a Hub dataset or a local file with the same fields."""
+    if name not in BENCHMARKS and not os.path.exists(name) and "/" not in name:
+        raise UserError(f"unknown benchmark {name!r}: use {', '.join(BENCHMARKS)}, a Hub dataset or a local file")
     try:
-        items = to_problems(_read_table(hub, split, config), name)
+        items = to_problems(_read_table(*BENCHMARKS[name]), name) if name in BENCHMARKS else load_problems(name)
     except UserError:
         if name == "gpqa":
             raise UserError("GPQA-Diamond is gated on the Hub: accept its terms on the page of Idavidrein/gpqa "
@@ -1320,7 +1329,7 @@ def evaluate(model, tok, items, stops, pad_id, batch_size, max_new, fast, k=1, t
     temperature = temperature if k > 1 else 0.0
     prompts = [student_prompt(tok, it["question"]) for it in items]
     order = sorted(range(len(items)), key=lambda i: (len(prompts[i]), i))  # similar lengths share a batch
-    prompt_len = -(-max(len(p) for p in prompts) // 64) * 64  # one static shape for the whole benchmark
+    prompt_len = round_up(max(len(p) for p in prompts))  # one static shape for the whole benchmark
     preds = []
     for b in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
         idx = [i for i in order[b:b + batch_size] for _ in range(k)]
@@ -1360,7 +1369,7 @@ def run_eval(args):
             for n in names}  # every set is checked before the model is loaded
     tok = load_tokenizer(args.model)
     model = load_model(args.model, args, trainable=False)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad_id = pad_token_id(tok)
     stops = stop_ids(tok, model)
     os.makedirs(args.out, exist_ok=True)
     results, all_preds = {}, []
