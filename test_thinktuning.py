@@ -659,6 +659,28 @@ def test_response_logprobs_with_soft_capped_head(tok):
     assert (capped - uncapped).abs().max() > 0.1
 
 
+def test_score_old_returns_each_rollouts_own_logprobs(tok):
+    # score_old batches rollouts sorted by length; each result must still belong to its own rollout.
+    # Reference: every rollout scored alone (no padding, no batching) by an explicit log-softmax.
+    student, ref = make_model(tok, seed=6), make_model(tok, seed=7)
+    items = [{"prompt": [0, 3, 9, 1, 0, 4], "response": [20, 21, 22, 23, 24, 1]},
+             {"prompt": [0, 4], "response": [30]},
+             {"prompt": [0, 3, 10, 11, 12, 1, 0, 4], "response": [25, 26, 1]},
+             {"prompt": [0, 5, 1, 0, 4], "response": [27, 28, 29, 31, 32, 33, 34]},
+             {"prompt": [0, 6, 1, 0, 4], "response": [35, 36]}]
+    args = type("A", (), {"micro_batch": 2, "temperature": 0.7})()
+    old, refs = tt.score_old(student, ref, items, args, tok.pad_token_id)
+    for it, lp, lr in zip(items, old, refs):
+        seq, n = torch.tensor([it["prompt"] + it["response"]]), len(it["prompt"])
+        for model, got in ((student, lp), (ref, lr)):
+            with torch.no_grad():
+                logits = model(seq).logits[0, n - 1:-1] / 0.7  # [T, V]: the outputs that predict the response
+            want = logits.log_softmax(-1).gather(-1, seq[0, n:, None]).squeeze(-1)
+            assert got.shape == (len(it["response"]),) and torch.allclose(got, want, atol=1e-5)
+    _, no_refs = tt.score_old(student, None, items, args, tok.pad_token_id)
+    assert no_refs == [None] * len(items)
+
+
 def test_right_pad_mask_from_lengths(tok):
     pad = tok.pad_token_id
     ids, mask = tt.right_pad([[3, pad, 4], [pad]], pad, "cpu")  # a real token equal to pad stays unmasked
@@ -709,6 +731,36 @@ def test_decode_attention_matches_repeated_kv():
     ref = torch.nn.functional.scaled_dot_product_attention(
         q, k.repeat_interleave(H // KVH, 1), v.repeat_interleave(H // KVH, 1), attn_mask=mask, scale=0.25)
     assert out.shape == (B, 1, H, D) and torch.allclose(out, ref.transpose(1, 2), atol=1e-6)
+
+
+def _decode_step_shapes(model, tok, B=2, P=8, new=3):
+    """Shapes of every tensor in the graph(s) torch.compile captures from the fast path's one-token step."""
+    prompts = [[0, 3, 9, 1, 0, 4], [0, 4]]
+    tt.generate_static(model, prompts, new, [tok.eos_token_id], tok.pad_token_id, 0.0, 1.0, batch=B, prompt_len=P)
+    step = tt._static_decoder(model, B, P + new)["eager"]  # its cache now holds the prompts
+    shapes = []
+
+    def capture(gm, example_inputs):  # a torch.compile backend that records the graph and runs it as is
+        shapes.extend(tuple(n.meta["example_value"].shape) for n in gm.graph.nodes
+                      if isinstance(n.meta.get("example_value"), torch.Tensor))
+        return gm.forward
+
+    _, mask = tt.left_pad(prompts, tok.pad_token_id, "cpu", width=P)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(step, backend=capture, dynamic=False)(torch.tensor([[3], [4]]), mask.sum(-1, keepdim=True),
+                                                            torch.cat([mask, mask.new_ones(B, new)], 1))
+    return shapes
+
+
+def test_compiled_decode_step_reads_kv_cache_once(tok, monkeypatch):
+    # the speed claim behind decode_attention: the compiled step never copies the cache to every query head.
+    # 4 query heads share 2 KV heads (head dim 8); the cache has 2 rows x 11 slots.
+    repeated, own = (2, 4, 11, 8), (2, 2, 11, 8)  # [B, H, L, D] would be the repeated cache; [B, KVH, L, D] is it
+    ours = _decode_step_shapes(make_model(tok), tok)
+    assert own in ours and repeated not in ours
+    monkeypatch.setattr(tt, "_use_decode_attention", lambda model: None)  # transformers' own SDPA path
+    assert repeated in _decode_step_shapes(make_model(tok), tok)
 
 
 def test_decode_attention_does_not_leak_into_checkpoints(tok, tmp_path):

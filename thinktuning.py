@@ -1044,7 +1044,8 @@ def update(model, items, old_logp, ref_logp, opt, params, master, args, pad_id, 
     stats, norms, skipped, losses = [], [], 0, []
     model.train()
     for mb in tqdm(range(args.minibatches), desc="update", leave=False):
-        rows = sorted(order[mb * size:(mb + 1) * size], key=lambda i: len(items[i]["response"]))  # less padding
+        rows = sorted(order[mb * size:(mb + 1) * size],  # micro-batches of similar lengths: less padding
+                      key=lambda i: len(items[i]["prompt"]) + len(items[i]["response"]))
         n_tokens = sum(len(items[i]["response"]) for i in rows)
         finite = True
         for k in range(0, len(rows), args.micro_batch):
@@ -1087,15 +1088,16 @@ def update(model, items, old_logp, ref_logp, opt, params, master, args, pad_id, 
 def score_old(model, ref, items, args, pad_id):
     """Old log-probs: the current student scores every final sequence (spliced ones too) once, before any
     update, at the sampling temperature. The KL reference (when --kl-beta > 0) scores them too."""
-    old, refs = [], []
-    for k in range(0, len(items), args.micro_batch):
-        sub = items[k:k + args.micro_batch]
-        P, R = [it["prompt"] for it in sub], [it["response"] for it in sub]
-        lp = response_logprobs(model, P, R, args.temperature, pad_id)
-        old += [lp[j, :len(r)] for j, r in enumerate(R)]
-        if ref is not None:
-            lr = response_logprobs(ref, P, R, args.temperature, pad_id)
-            refs += [lr[j, :len(r)].to(lp.device) for j, r in enumerate(R)]
+    old, refs = [None] * len(items), [None] * len(items)
+    order = sorted(range(len(items)), key=lambda i: len(items[i]["prompt"]) + len(items[i]["response"]))
+    for k in range(0, len(order), args.micro_batch):  # micro-batches of similar lengths: less padding
+        sub = order[k:k + args.micro_batch]
+        P, R = [items[i]["prompt"] for i in sub], [items[i]["response"] for i in sub]
+        lp = response_logprobs(model, P, R, args.temperature, pad_id)  # [n, T]
+        lr = response_logprobs(ref, P, R, args.temperature, pad_id).to(lp.device) if ref is not None else None
+        for j, i in enumerate(sub):
+            old[i] = lp[j, :len(R[j])]
+            refs[i] = lr[j, :len(R[j])] if lr is not None else None
     return old, refs
 
 
