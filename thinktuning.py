@@ -634,10 +634,11 @@ def _cache_kwarg(model):
 
 
 def decode_attention(module, query, key, value, attention_mask, **kwargs):
-    """Attention for one-token decoding with grouped KV heads. Under torch.compile, transformers' SDPA path
-    copies the whole KV cache to every query head first (repeat_kv), which multiplies the memory traffic of a
-    decode step by the group size (6 for Qwen2.5-1.5B). Here the G query heads that share a KV head become G
-    query rows of that head, so the cache is read once. Anything else goes to transformers' own SDPA."""
+    """Attention for one-token decoding with grouped KV heads. Given a padding mask (batched rollouts always
+    have one), transformers' SDPA path on CUDA first copies the whole KV cache to every query head (repeat_kv),
+    which multiplies the memory traffic of a decode step by the group size (6 for Qwen2.5-1.5B). Here the G
+    query heads that share a KV head become G query rows of that head, so the cache is read once. Anything
+    else (prefill, models without grouped heads) goes to transformers' own SDPA."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     groups = getattr(module, "num_key_value_groups", 1)
     if query.shape[2] != 1 or groups == 1 or kwargs.get("position_bias") is not None:
