@@ -681,6 +681,26 @@ def test_score_old_returns_each_rollouts_own_logprobs(tok):
     assert no_refs == [None] * len(items)
 
 
+def test_trainable_model_has_no_dropout(tok, tmp_path):
+    # the update runs in train mode; with dropout its log-probs would differ from the old ones (ratio != 1)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, attention_dropout=0.9,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
+    args = type("A", (), {"dtype": "float32", "device": "cpu", "no_grad_ckpt": True})()
+    p, r = [[0, 3, 9, 1, 0, 4]], [[20, 21, 22, 23, 1]]
+    raw = AutoModelForCausalLM.from_pretrained(tmp_path).train()  # as saved: dropout active in train mode
+    assert not torch.equal(tt.response_logprobs(raw, p, r, 1.0, 0), tt.response_logprobs(raw, p, r, 1.0, 0))
+    model = tt.load_model(str(tmp_path), args, trainable=True)
+    with torch.no_grad():
+        old = tt.response_logprobs(model.eval(), p, r, 1.0, 0)
+    new = tt.response_logprobs(model.train(), p, r, 1.0, 0)
+    assert torch.allclose(new, old, atol=1e-6)
+    model.save_pretrained(tmp_path / "saved")
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "saved").config.attention_dropout == 0.9
+
+
 def test_right_pad_mask_from_lengths(tok):
     pad = tok.pad_token_id
     ids, mask = tt.right_pad([[3, pad, 4], [pad]], pad, "cpu")  # a real token equal to pad stays unmasked

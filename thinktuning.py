@@ -935,6 +935,13 @@ def load_model(name, args, trainable):
     model = AutoModelForCausalLM.from_pretrained(name, dtype=getattr(torch, args.dtype)).to(args.device)
     if not trainable:
         return model.eval().requires_grad_(False)
+    # No dropout: the update runs in train mode (for gradient checkpointing), and the ratio p / p_old must be
+    # exactly 1 before the first optimizer step. The saved config keeps its dropout values.
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
     if args.device.startswith("cuda") and not args.no_grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False  # training forwards; the samplers ask for a cache explicitly
