@@ -803,6 +803,49 @@ def test_static_cache_release_and_reuse(tok):
     assert first == again
 
 
+def test_micro_batches_add_up_to_the_mini_batch_token_mean(tok, monkeypatch):
+    # L = sum(m * l) / sum(m) over the whole mini-batch: accumulating micro-batches of 1 or 2 rows must give
+    # the gradient of one forward over all rows (rows of different lengths, guided and not, some ratios clipped)
+    model = make_model(tok, seed=8)
+    items = [{"prompt": [0, 3, 9, 1, 0, 4], "response": [20, 21, 22, 23, 1], "adv": 1.2, "guided": False},
+             {"prompt": [0, 4], "response": [30, 31], "adv": -0.7, "guided": True, "n_student": 1},
+             {"prompt": [0, 5, 1, 0, 4], "response": [25, 26, 27, 28, 29, 32, 1], "adv": -1.5, "guided": False},
+             {"prompt": [0, 6, 1, 0, 4], "response": [35, 1], "adv": 0.4, "guided": True, "n_student": 1}]
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        old = [lp + 0.3 * torch.randn(len(lp), generator=g)  # ratios away from 1, so some tokens are clipped
+               for lp in tt.score_old(model, None, items, type("A", (), {"micro_batch": 4, "temperature": 1.0})(),
+                                      tok.pad_token_id)[0]]
+    args = type("A", (), {"minibatches": 1, "temperature": 1.0, "clip_eps": 0.2, "dual_clip": 3.0, "kl_beta": 0.0,
+                          "grad_clip": 1.0,
+                          "guide_teacher_tokens_only": False})()
+    # reference: one forward over all four rows, the loss of METHOD.md, one backward
+    logp = tt.response_logprobs(model, [it["prompt"] for it in items], [it["response"] for it in items], 1.0,
+                                tok.pad_token_id)  # [4, 7]
+    T = logp.shape[1]
+    mask = tt.pad_rows([torch.ones(len(it["response"])) for it in items], T)
+    guided = tt.pad_rows([tt.guided_mask(it, args) for it in items], T)
+    loss, st = tt.policy_loss(logp, tt.pad_rows(old, T), torch.tensor([it["adv"] for it in items]), mask, guided)
+    assert st["clip_frac"] > 0
+    loss.backward()
+    want = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    seen = []
+
+    def probe(opt, params, master, clip):  # in place of the optimizer: record the gradient it would apply
+        seen.append([p.grad.clone() for p in params])
+        model.zero_grad(set_to_none=True)
+        return 1.0, True
+
+    monkeypatch.setattr(tt, "optimizer_step", probe)
+    params = list(model.parameters())
+    for micro in (1, 2):
+        args.micro_batch = micro
+        out = tt.update(model, items, old, [], None, params, params, args, tok.pad_token_id, random.Random(0))
+        assert out["loss"] == pytest.approx(loss.item(), rel=1e-5)
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(seen[-1], want))
+
+
 def test_chunked_master_weight_step_matches_plain_adamw(tok):
     # bf16 model with fp32 master weights, stepped in small chunks, against AdamW + clip_grad_norm_ on fp32
     model = make_model(tok, seed=5).to(torch.bfloat16)
