@@ -846,6 +846,26 @@ def test_micro_batches_add_up_to_the_mini_batch_token_mean(tok, monkeypatch):
         assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(seen[-1], want))
 
 
+def test_kv_cache_bytes_for_real_shapes():
+    # Llama-3.2-3B: 28 layers, 8 KV heads of 128; bf16 K and V: 2 * 28 * 8 * 128 * 2 = 114,688 bytes per slot
+    llama = LlamaConfig(hidden_size=3072, num_attention_heads=24, num_key_value_heads=8, num_hidden_layers=28)
+    assert tt.kv_cache_bytes(llama, 160, 1344, 2) == 114_688 * 160 * 1344
+    # Qwen2.5-1.5B: 28 layers, 2 KV heads of 128 (hidden 1536 / 12 heads): 28,672 bytes per slot, the README's
+    # 2.4 GB for 64 rows x 1,280 slots
+    from transformers import Qwen2Config
+    qwen = Qwen2Config(hidden_size=1536, num_attention_heads=12, num_key_value_heads=2, num_hidden_layers=28)
+    assert tt.kv_cache_bytes(qwen, 64, 1280, 2) == 28_672 * 64 * 1280 == 2_348_810_240
+
+
+@pytest.mark.parametrize("group_size,rows_per_prompt", [(2, 1), (5, 1), (10, 1), (19, 1), (20, 2), (31, 3)])
+def test_teacher_rows_bound_the_guided_rollouts(group_size, rows_per_prompt):
+    args = type("A", (), {"prompts_per_step": 7, "group_size": group_size})()
+    assert tt.teacher_rows(args) == 7 * rows_per_prompt
+    # no step can choose more: the largest k is at pct = 0.1 with every rollout finished
+    rng = random.Random(0)
+    assert len(tt.select_for_guidance([True] * 7 * group_size, group_size, 0.1, rng)) == 7 * rows_per_prompt
+
+
 def test_chunked_master_weight_step_matches_plain_adamw(tok):
     # bf16 model with fp32 master weights, stepped in small chunks, against AdamW + clip_grad_norm_ on fp32
     model = make_model(tok, seed=5).to(torch.bfloat16)

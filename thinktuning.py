@@ -560,6 +560,13 @@ def round_up(n, multiple=64):
     return -(-n // multiple) * multiple
 
 
+def kv_cache_bytes(cfg, rows, length, itemsize):
+    """Bytes of a KV cache of rows x length slots: K and V for every layer, KV head and head dimension."""
+    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return 2 * cfg.num_hidden_layers * heads * head_dim * itemsize * rows * length
+
+
 def stop_ids(tok, model):
     """The token ids that end a turn: the tokenizer's EOS plus any the model's generation config adds."""
     ids = {tok.eos_token_id}
@@ -753,6 +760,12 @@ def guidance_pct(step, total_steps):
     q = max(1, total_steps // 3)
     pct = 0.1 - 0.09 * min(step - 1, q) / q
     return 0.0 if pct <= 0.06 else pct
+
+
+def teacher_rows(args):
+    """The most rollouts one step can send to the teacher (k <= max(1, floor(G * 0.1)) per group, since
+    pct <= 0.1): the teacher sampler's fixed batch."""
+    return args.prompts_per_step * max(1, math.floor(args.group_size * 0.1))
 
 
 def select_for_guidance(finished, group_size, pct, rng):
@@ -1017,9 +1030,8 @@ def guide(items, chosen, student_tok, teacher, teacher_tok, args):
         return 0, 0
     t_stops = stop_ids(teacher_tok, teacher)
     t_pad = pad_token_id(teacher_tok)
-    fast_batch = args.prompts_per_step * max(1, math.floor(args.group_size * 0.1))
     replies, finished = generate(teacher, [q for _, q in queries], args.teacher_max_new_tokens, t_stops, t_pad,
-                                 0.0, 1.0, args.fast, batch=fast_batch, prompt_len=args.teacher_max_prompt_len)
+                                 0.0, 1.0, args.fast, batch=teacher_rows(args), prompt_len=args.teacher_max_prompt_len)
     passed = 0
     for (i, _), reply, done in zip(queries, replies, finished):
         parsed = parse_teacher(teacher_tok.decode(reply, skip_special_tokens=True)) if done else None
@@ -1188,20 +1200,31 @@ def train(args):
     stops = stop_ids(tok, student)
     n_roll = args.prompts_per_step * args.group_size
     n_params = sum(p.numel() for p in params)
-    cfg = student.config
-    kv_per_token = 2 * cfg.num_hidden_layers * getattr(cfg, "num_key_value_heads", cfg.num_attention_heads) \
-        * getattr(cfg, "head_dim", cfg.hidden_size // cfg.num_attention_heads) * student.dtype.itemsize
-    weights = n_params * (student.dtype.itemsize * 2 + 8 + (0 if master is params else 4))  # w, grad, Adam, master
     method = "vanilla GRPO" if args.no_teacher else "ThinkTuning" if teacher else "ThinkTuning (guidance over)"
     print(f"{method}: {len(problems)} questions"
           f"{f' ({skipped} with prompts over --max-prompt-len skipped)' if skipped else ''}, "
           f"{args.prompts_per_step} x {args.group_size} = {n_roll} rollouts per step, up to "
           f"{n_roll * (prompt_width + args.max_new_tokens):,} tokens per step, "
           f"{args.minibatches} optimizer steps of {n_roll // args.minibatches} rollouts")
+    # memory: what stays (weights, fp32 master weights, AdamW's two moments, frozen models) plus the largest of
+    # what comes and goes (each KV cache lives only while its model samples; gradients only in the update)
+    size = student.dtype.itemsize
+    frozen = sum(p.numel() * p.element_size() for m in {teacher, ref} - {None} for p in m.parameters())
+    stays = n_params * (size + 8 + (0 if master is params else 4)) + frozen
+    student_kv = kv_cache_bytes(student.config, n_roll, prompt_width + args.max_new_tokens, size)
+    teacher_kv = kv_cache_bytes(teacher.config, teacher_rows(args), args.teacher_max_prompt_len
+                                + args.teacher_max_new_tokens, teacher.dtype.itemsize) if teacher else 0
+    peak = stays + max(student_kv, teacher_kv, n_params * size)
     print(f"student {n_params / 1e6:.0f}M parameters, {args.dtype} on {args.device}; memory estimate: "
-          f"{weights / 1e9:.1f} GB weights+grads+AdamW, "
-          f"{n_params * student.dtype.itemsize / 1e9 * (teacher is not None):.1f} GB teacher, "
-          f"{n_roll * (prompt_width + args.max_new_tokens) * kv_per_token / 1e9:.1f} GB student KV cache")
+          f"{stays / 1e9:.1f} GB always (weights{'' if master is params else ', fp32 master weights'}, AdamW "
+          f"state, {frozen / 1e9:.1f} GB frozen teacher/reference), plus the largest of {student_kv / 1e9:.1f} GB "
+          f"student KV cache, {teacher_kv / 1e9:.1f} GB teacher KV cache, {n_params * size / 1e9:.1f} GB gradients "
+          f"(+ activations): about {peak / 1e9:.0f} GB at the peak")
+    if args.device.startswith("cuda"):
+        total = torch.cuda.get_device_properties(torch.device(args.device)).total_memory
+        if peak > 0.95 * total:
+            print(f"note: that is more than this GPU's {total / 1e9:.0f} GB can hold; lower --prompts-per-step or "
+                  f"--max-new-tokens (or --teacher-max-prompt-len)")
 
     stop_requested = []
 
