@@ -1286,6 +1286,9 @@ def train(args):
             if args.eval_every and step % args.eval_every == 0:  # held-out accuracy, in the sampler's shape
                 held_out, _ = evaluate(student, tok, eval_items, stops, pad_id, n_roll, args.max_new_tokens, args.fast)
                 row.update(eval_accuracy=held_out["accuracy"], eval_truncated_pct=held_out["truncated_pct"])
+            if args.device.startswith("cuda"):  # this step's high-water mark, to compare with the estimate
+                row["peak_mem_gb"] = torch.cuda.max_memory_allocated(args.device) / 1e9
+                torch.cuda.reset_peak_memory_stats(args.device)
             with open(metrics_path, "a") as f:
                 f.write(json.dumps({k: None if v != v else v for k, v in row.items()}) + "\n")  # NaN -> null
             with open(samples_path, "a") as f:
