@@ -724,6 +724,17 @@ def test_static_sampler_matches_generate(tok, temperature, top_p):
         assert len({tuple(r) for r in plain}) > 1
 
 
+def test_static_sampler_without_any_padding(tok):
+    # equal-length prompts and a cache exactly that long: no row is padded, so only the causal mask keeps the
+    # decode step from attending to cache slots not written yet (transformers may skip an all-ones mask)
+    model = make_model(tok, seed=3)
+    prompts, stops = [[0, 3, 9, 1, 0, 4], [0, 3, 10, 11, 1, 4]], [tok.eos_token_id]
+    for rows in (prompts[:1], prompts):
+        plain = tt.generate_plain(model, rows, 12, stops, tok.pad_token_id, 0.0, 1.0)
+        fast = tt.generate_static(model, rows, 12, stops, tok.pad_token_id, 0.0, 1.0, batch=len(rows), prompt_len=6)
+        assert fast == plain
+
+
 def test_compiled_decode_step_matches_generate(tok):
     # the GPU path compiles the one-token step; inductor compiles it on the CPU too (CUDA graphs aside)
     model = make_model(tok, seed=3)
