@@ -701,10 +701,10 @@ def test_trainable_model_has_no_dropout(tok, tmp_path):
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "saved").config.attention_dropout == 0.9
 
 
-def test_right_pad_mask_from_lengths(tok):
+def test_right_pad_layout(tok):
     pad = tok.pad_token_id
-    ids, mask = tt.right_pad([[3, pad, 4], [pad]], pad, "cpu")  # a real token equal to pad stays unmasked
-    assert mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    ids = tt.right_pad([[3, pad, 4], [pad], [5, 6]], pad, "cpu")  # a real token equal to pad is just a token
+    assert ids.tolist() == [[3, pad, 4], [pad, pad, pad], [5, 6, pad]]
 
 
 # --------------------------------------------------------------------------------------------- samplers

@@ -882,14 +882,11 @@ def kl_k3(logp, ref_logp):
 
 
 def right_pad(seqs, pad_id, device):
-    """[N, L] ids and attention mask of full sequences (prompt + response), padded at the end, by length."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    """[N, L] ids of full sequences (prompt + response), padded at the end."""
+    ids = torch.full((len(seqs), max(len(s) for s in seqs)), pad_id, dtype=torch.long)
     for i, s in enumerate(seqs):
         ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
-    lengths = torch.tensor([len(s) for s in seqs])
-    mask = (torch.arange(width)[None] < lengths[:, None]).long()
-    return ids.to(device), mask.to(device)
+    return ids.to(device)
 
 
 def _token_logp(head, h, target, temperature, scale, softcap):
@@ -904,8 +901,11 @@ def response_logprobs(model, prompts, responses, temperature, pad_id, chunk=1024
     """[n, T] log pi(y_t | x, y_<t) / temperature-scaled, for every response token (0 past each response).
     The LM head runs only on response positions, in chunks that are recomputed in the backward pass, so the
     [n, L, V] float32 logits never exist at once."""
-    ids, attn = right_pad([p + r for p, r in zip(prompts, responses)], pad_id, model.device)  # [n, L]
-    hidden = model.base_model(input_ids=ids, attention_mask=attn).last_hidden_state  # [n, L, H]
+    ids = right_pad([p + r for p, r in zip(prompts, responses)], pad_id, model.device)  # [n, L]
+    # No attention mask: the padding sits after every real token, where causal attention already keeps it
+    # out. Without one, transformers hands SDPA the grouped KV heads as they are and a causal flag, so a flash
+    # kernel can run; with one, it builds an [n, 1, L, L] mask and copies K and V to every query head.
+    hidden = model.base_model(input_ids=ids).last_hidden_state  # [n, L, H]
     plen = torch.tensor([len(p) for p in prompts], device=model.device)  # [n]
     rlen = torch.tensor([len(r) for r in responses], device=model.device)  # [n]
     t = torch.arange(int(rlen.max()), device=model.device)  # [T]
