@@ -953,6 +953,19 @@ def test_two_training_steps_without_teacher(model_dirs, train_file, tmp_path):
     assert all(r["guidance_pct"] == 0 for r in rows)
 
 
+def test_start_up_warns_when_the_disk_cannot_hold_a_checkpoint(model_dirs, train_file, tmp_path, capsys,
+                                                               monkeypatch):
+    assert run(base_args(model_dirs["random"], train_file, tmp_path / "a", "--no-teacher", "--steps", 1)) == 0
+    out = capsys.readouterr().out
+    assert "checkpoints: about" in out and "not enough free disk" not in out
+    # the tiny model's checkpoint holds 25,056 parameters x 12 bytes (fp32 weights + two AdamW moments)
+    for free, warned in ((25_056 * 12, False), (25_056 * 12 - 1, True)):
+        monkeypatch.setattr(tt.shutil, "disk_usage", lambda path: type("Usage", (), {"free": free})())
+        assert run(base_args(model_dirs["random"], train_file, tmp_path / f"b{free}", "--no-teacher",
+                             "--steps", 1)) == 0
+        assert ("note: not enough free disk for a checkpoint" in capsys.readouterr().out) == warned
+
+
 def test_kl_penalty_uses_the_frozen_initial_model(model_dirs, train_file, tmp_path):
     out = tmp_path / "kl"
     assert run(base_args(model_dirs["bigram"], train_file, out, "--kl-beta", 0.1, "--lr", 1e-3)) == 0

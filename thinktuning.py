@@ -1210,7 +1210,8 @@ def train(args):
     # what comes and goes (each KV cache lives only while its model samples; gradients only in the update)
     size = student.dtype.itemsize
     frozen = sum(p.numel() * p.element_size() for m in {teacher, ref} - {None} for p in m.parameters())
-    stays = n_params * (size + 8 + (0 if master is params else 4)) + frozen
+    trained = n_params * (size + 8 + (0 if master is params else 4))  # also the size of a checkpoint on disk
+    stays = trained + frozen
     student_kv = kv_cache_bytes(student.config, n_roll, prompt_width + args.max_new_tokens, size)
     teacher_kv = kv_cache_bytes(teacher.config, teacher_rows(args), args.teacher_max_prompt_len
                                 + args.teacher_max_new_tokens, teacher.dtype.itemsize) if teacher else 0
@@ -1220,6 +1221,11 @@ def train(args):
           f"state, {frozen / 1e9:.1f} GB frozen teacher/reference), plus the largest of {student_kv / 1e9:.1f} GB "
           f"student KV cache, {teacher_kv / 1e9:.1f} GB teacher KV cache, {n_params * size / 1e9:.1f} GB gradients "
           f"(+ activations): about {peak / 1e9:.0f} GB at the peak")
+    free = shutil.disk_usage(args.out).free
+    print(f"checkpoints: about {trained / 1e9:.1f} GB each (model, fp32 AdamW state and master weights; a save "
+          f"writes the new one before deleting the old), {free / 1e9:.0f} GB free in {args.out}")
+    if free < trained:
+        print(f"note: not enough free disk for a checkpoint in {args.out}: free some space or choose another --out")
     if args.device.startswith("cuda"):
         total = torch.cuda.get_device_properties(torch.device(args.device)).total_memory
         if peak > 0.95 * total:
