@@ -1138,6 +1138,43 @@ def save_checkpoint(out, model, tok, opt, master, params, state):
     shutil.rmtree(old, ignore_errors=True)
 
 
+def print_plan(args, n_problems, skipped, student, teacher, ref, params, master, prompt_width):
+    """What a step does and what it costs: rollouts and tokens per step, a memory estimate, checkpoint size."""
+    n_roll = args.prompts_per_step * args.group_size
+    n_params = sum(p.numel() for p in params)
+    method = "vanilla GRPO" if args.no_teacher else "ThinkTuning" if teacher else "ThinkTuning (guidance over)"
+    print(f"{method}: {n_problems} questions"
+          f"{f' ({skipped} with prompts over --max-prompt-len skipped)' if skipped else ''}, "
+          f"{args.prompts_per_step} x {args.group_size} = {n_roll} rollouts per step, up to "
+          f"{n_roll * (prompt_width + args.max_new_tokens):,} tokens per step, "
+          f"{args.minibatches} optimizer steps of {n_roll // args.minibatches} rollouts")
+    # memory: what stays (weights, fp32 master weights, AdamW's two moments, frozen models) plus the largest of
+    # what comes and goes (each KV cache lives only while its model samples; gradients only in the update)
+    size = student.dtype.itemsize
+    frozen = sum(p.numel() * p.element_size() for m in {teacher, ref} - {None} for p in m.parameters())
+    trained = n_params * (size + 8 + (0 if master is params else 4))  # also the size of a checkpoint on disk
+    stays = trained + frozen
+    student_kv = kv_cache_bytes(student.config, n_roll, prompt_width + args.max_new_tokens, size)
+    teacher_kv = kv_cache_bytes(teacher.config, teacher_rows(args), args.teacher_max_prompt_len
+                                + args.teacher_max_new_tokens, teacher.dtype.itemsize) if teacher else 0
+    peak = stays + max(student_kv, teacher_kv, n_params * size)
+    print(f"student {n_params / 1e6:.0f}M parameters, {args.dtype} on {args.device}; memory estimate: "
+          f"{stays / 1e9:.1f} GB always (weights{'' if master is params else ', fp32 master weights'}, AdamW "
+          f"state, {frozen / 1e9:.1f} GB frozen teacher/reference), plus the largest of {student_kv / 1e9:.1f} GB "
+          f"student KV cache, {teacher_kv / 1e9:.1f} GB teacher KV cache, {n_params * size / 1e9:.1f} GB gradients "
+          f"(+ activations): about {peak / 1e9:.0f} GB at the peak")
+    free = shutil.disk_usage(args.out).free
+    print(f"checkpoints: about {trained / 1e9:.1f} GB each (model, fp32 AdamW state and master weights; a save "
+          f"writes the new one before deleting the old), {free / 1e9:.0f} GB free in {args.out}")
+    if free < trained:
+        print(f"note: not enough free disk for a checkpoint in {args.out}: free some space or choose another --out")
+    if args.device.startswith("cuda"):
+        total = torch.cuda.get_device_properties(torch.device(args.device)).total_memory
+        if peak > 0.95 * total:
+            print(f"note: that is more than this GPU's {total / 1e9:.0f} GB can hold; lower --prompts-per-step or "
+                  f"--max-new-tokens (or --teacher-max-prompt-len)")
+
+
 def train(args):
     problems = load_problems(args.train_data)  # data errors end the run before any model is loaded
     eval_items = load_benchmark(args.eval_data, args.eval_every_limit) if args.eval_every else None
@@ -1199,38 +1236,7 @@ def train(args):
     pad_id = pad_token_id(tok)
     stops = stop_ids(tok, student)
     n_roll = args.prompts_per_step * args.group_size
-    n_params = sum(p.numel() for p in params)
-    method = "vanilla GRPO" if args.no_teacher else "ThinkTuning" if teacher else "ThinkTuning (guidance over)"
-    print(f"{method}: {len(problems)} questions"
-          f"{f' ({skipped} with prompts over --max-prompt-len skipped)' if skipped else ''}, "
-          f"{args.prompts_per_step} x {args.group_size} = {n_roll} rollouts per step, up to "
-          f"{n_roll * (prompt_width + args.max_new_tokens):,} tokens per step, "
-          f"{args.minibatches} optimizer steps of {n_roll // args.minibatches} rollouts")
-    # memory: what stays (weights, fp32 master weights, AdamW's two moments, frozen models) plus the largest of
-    # what comes and goes (each KV cache lives only while its model samples; gradients only in the update)
-    size = student.dtype.itemsize
-    frozen = sum(p.numel() * p.element_size() for m in {teacher, ref} - {None} for p in m.parameters())
-    trained = n_params * (size + 8 + (0 if master is params else 4))  # also the size of a checkpoint on disk
-    stays = trained + frozen
-    student_kv = kv_cache_bytes(student.config, n_roll, prompt_width + args.max_new_tokens, size)
-    teacher_kv = kv_cache_bytes(teacher.config, teacher_rows(args), args.teacher_max_prompt_len
-                                + args.teacher_max_new_tokens, teacher.dtype.itemsize) if teacher else 0
-    peak = stays + max(student_kv, teacher_kv, n_params * size)
-    print(f"student {n_params / 1e6:.0f}M parameters, {args.dtype} on {args.device}; memory estimate: "
-          f"{stays / 1e9:.1f} GB always (weights{'' if master is params else ', fp32 master weights'}, AdamW "
-          f"state, {frozen / 1e9:.1f} GB frozen teacher/reference), plus the largest of {student_kv / 1e9:.1f} GB "
-          f"student KV cache, {teacher_kv / 1e9:.1f} GB teacher KV cache, {n_params * size / 1e9:.1f} GB gradients "
-          f"(+ activations): about {peak / 1e9:.0f} GB at the peak")
-    free = shutil.disk_usage(args.out).free
-    print(f"checkpoints: about {trained / 1e9:.1f} GB each (model, fp32 AdamW state and master weights; a save "
-          f"writes the new one before deleting the old), {free / 1e9:.0f} GB free in {args.out}")
-    if free < trained:
-        print(f"note: not enough free disk for a checkpoint in {args.out}: free some space or choose another --out")
-    if args.device.startswith("cuda"):
-        total = torch.cuda.get_device_properties(torch.device(args.device)).total_memory
-        if peak > 0.95 * total:
-            print(f"note: that is more than this GPU's {total / 1e9:.0f} GB can hold; lower --prompts-per-step or "
-                  f"--max-new-tokens (or --teacher-max-prompt-len)")
+    print_plan(args, len(problems), skipped, student, teacher, ref, params, master, prompt_width)
 
     stop_requested = []
 
