@@ -1164,8 +1164,9 @@ def print_plan(args, n_problems, skipped, student, teacher, ref, params, master,
           f"student KV cache, {teacher_kv / 1e9:.1f} GB teacher KV cache, {n_params * size / 1e9:.1f} GB gradients "
           f"(+ activations): about {peak / 1e9:.0f} GB at the peak")
     free = shutil.disk_usage(args.out).free
-    print(f"checkpoints: about {trained / 1e9:.1f} GB each (model, fp32 AdamW state and master weights; a save "
-          f"writes the new one before deleting the old), {free / 1e9:.0f} GB free in {args.out}")
+    print(f"checkpoints: about {trained / 1e9:.1f} GB each (model, AdamW state"
+          f"{'' if master is params else ', fp32 master weights'}; a save writes the new one before deleting the "
+          f"old), {free / 1e9:.0f} GB free in {args.out}")
     if free < trained:
         print(f"note: not enough free disk for a checkpoint in {args.out}: free some space or choose another --out")
     if args.device.startswith("cuda"):
