@@ -619,8 +619,9 @@ def test_cut_at_stop_with_pad_equal_eos(tok):
 def test_response_logprobs_keep_eos_and_ignore_padding(tok):
     model = make_model(tok)
     eos = tok.eos_token_id
-    prompts = [[0, 3, 9, 1], [0, 3, 10, 11, 12, 1]]
+    prompts = [[0, 3, 9, 1], [0, 3, 10, 11, 12, 13, 14, 1]]
     responses = [[eos, 14, eos], [15]]  # an EOS inside and at the end of a response; pad is EOS too
+    # rows of 7 and 9 tokens: the first ends in two pads (= EOS), which must change nothing before them
     lp = tt.response_logprobs(model, prompts, responses, 1.0, tok.pad_token_id)
     assert lp.shape == (2, 3) and lp[1, 1:].abs().sum() == 0  # past the response: exactly zero
     for i, (p, r) in enumerate(zip(prompts, responses)):  # independent: full logits of each unpadded sequence
@@ -628,6 +629,22 @@ def test_response_logprobs_keep_eos_and_ignore_padding(tok):
             logits = model(torch.tensor([p + r])).logits[0].log_softmax(-1)
         for t, y in enumerate(r):
             assert lp[i, t].item() == pytest.approx(logits[len(p) + t - 1, y].item(), abs=1e-5)
+
+
+def test_response_logprobs_pass_no_attention_mask(tok, monkeypatch):
+    # the end padding is hidden by causality alone; with a mask transformers would copy K and V to every head
+    from transformers.integrations import sdpa_attention
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    seen, sdpa = [], sdpa_attention.sdpa_attention_forward
+
+    def probe(module, query, key, value, attention_mask, **kwargs):
+        seen.append(attention_mask)
+        return sdpa(module, query, key, value, attention_mask, **kwargs)
+
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "sdpa", probe)
+    tt.response_logprobs(make_model(tok), [[0, 3, 9, 1], [0, 3, 10, 11, 12, 1]], [[14, 15], [16, 17, 1]], 1.0,
+                         tok.pad_token_id)  # rows of 6 and 9 tokens: the first is padded
+    assert len(seen) == 2 and all(m is None for m in seen)  # one call per layer
 
 
 def test_response_logprobs_temperature(tok):
