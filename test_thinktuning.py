@@ -983,6 +983,23 @@ def test_start_up_warns_when_the_disk_cannot_hold_a_checkpoint(model_dirs, train
         assert ("note: not enough free disk for a checkpoint" in capsys.readouterr().out) == warned
 
 
+def test_memory_estimate_and_gpu_warning_by_hand(tok, tmp_path, monkeypatch, capsys):
+    # tiny fp32 model: 25,056 parameters; K and V take 2 layers x 2 KV heads x 8 dims x 2 x 4 bytes = 256 bytes
+    # per slot. Stays: 25,056 x 12 (weights + AdamW) + 25,056 x 4 (frozen teacher) = 400,896. Comes and goes:
+    # student KV 256 x 8 rows x (64 + 20) = 172,032; teacher KV 256 x 2 rows x (3072 + 1024) = 2,097,152;
+    # gradients 100,224. Peak: 400,896 + 2,097,152 = 2,498,048 bytes; the warning starts above 95% of the GPU.
+    student, teacher = make_model(tok), make_model(tok)
+    args = tt.build_parser().parse_args(["--model", "m", "--prompts-per-step", "2", "--group-size", "4",
+                                         "--max-new-tokens", "20", "--out", str(tmp_path)])
+    args.device, args.dtype = "cuda", "float32"  # as on a GPU, without one: only the device's size is asked
+    params = list(student.parameters())
+    for total, warned in ((2_629_525, False), (2_629_524, True)):  # 2,498,048 / 0.95 = 2,629,524.2
+        monkeypatch.setattr(tt.torch.cuda, "get_device_properties",
+                            lambda device: type("Props", (), {"total_memory": total})())
+        tt.print_plan(args, 10, 0, student, teacher, None, params, params, prompt_width=64)
+        assert ("more than this GPU" in capsys.readouterr().out) == warned
+
+
 def test_kl_penalty_uses_the_frozen_initial_model(model_dirs, train_file, tmp_path):
     out = tmp_path / "kl"
     assert run(base_args(model_dirs["bigram"], train_file, out, "--kl-beta", 0.1, "--lr", 1e-3)) == 0
