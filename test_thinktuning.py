@@ -741,6 +741,23 @@ def test_static_sampler_matches_generate(tok, temperature, top_p):
         assert len({tuple(r) for r in plain}) > 1
 
 
+def test_plain_sampler_ignores_the_checkpoints_sampling_defaults(tok):
+    # a checkpoint's generation_config may carry top_k, min_p or a repetition penalty (many instruct models
+    # do); rollouts must come from the policy itself at --temperature / --top-p, as the fast path samples them
+    model = make_model(tok, seed=3)
+    model.generation_config.top_k, model.generation_config.min_p = 2, 0.3
+    model.generation_config.repetition_penalty, model.generation_config.no_repeat_ngram_size = 1.5, 2
+    prompts, stops = [[0, 3, 9, 1, 0, 4], [0, 4]], [tok.eos_token_id]
+    for temperature in (1.0, 0.0):
+        torch.manual_seed(5)
+        plain = tt.generate_plain(model, prompts, 12, stops, tok.pad_token_id, temperature, 1.0)
+        torch.manual_seed(5)
+        fast = tt.generate_static(model, prompts, 12, stops, tok.pad_token_id, temperature, 1.0, batch=2,
+                                  prompt_len=8)
+        assert [tt.cut_at_stop(r, set(stops)) for r in plain] == [tt.cut_at_stop(r, set(stops)) for r in fast]
+    assert model.generation_config.top_k == 2 and model.generation_config.min_p == 0.3  # handed back intact
+
+
 def test_static_sampler_without_any_padding(tok):
     # equal-length prompts and a cache exactly that long: no row is padded, so only the causal mask keeps the
     # decode step from attending to cache slots not written yet (transformers may skip an all-ones mask)

@@ -615,13 +615,20 @@ def pick_tokens(logits, temperature, top_p):
 
 @torch.no_grad()
 def generate_plain(model, prompts, max_new, stops, pad_id, temperature, top_p):
-    """The reference sampler: transformers' generate with its dynamic KV cache, every option spelled out."""
+    """The reference sampler: transformers' generate with its dynamic KV cache. The checkpoint's own
+    generation_config is set aside while it runs: generate fills every option we leave unset from it, and its
+    top_k, min_p or repetition penalty would make the rollouts come from another distribution than the policy
+    whose log-probs the loss uses."""
+    from transformers import GenerationConfig
     ids, mask = left_pad(prompts, pad_id, model.device)
     sample = temperature > 0
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, do_sample=sample,
-                         temperature=temperature if sample else None, top_p=top_p if sample else None,
-                         top_k=0 if sample else None, eos_token_id=stops, pad_token_id=pad_id,
-                         repetition_penalty=1.0, use_cache=True)
+    config = GenerationConfig(max_new_tokens=max_new, do_sample=sample, eos_token_id=stops, pad_token_id=pad_id,
+                              **({"temperature": temperature, "top_p": top_p, "top_k": 0} if sample else {}))
+    saved, model.generation_config = model.generation_config, GenerationConfig()
+    try:
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config, use_cache=True)
+    finally:
+        model.generation_config = saved
     return out[:, ids.shape[1]:].tolist()
 
 
