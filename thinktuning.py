@@ -25,6 +25,7 @@ import sys
 import time
 import zlib
 from fractions import Fraction
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -614,7 +615,7 @@ def pick_tokens(logits, temperature, top_p):
 
 
 @torch.no_grad()
-def generate_plain(model, prompts, max_new, stops, pad_id, temperature, top_p):
+def generate_plain(model, prompts, max_new, stops, pad_id, temperature, top_p, desc="sample"):
     """The reference sampler: transformers' generate with its dynamic KV cache. The checkpoint's own
     generation_config is set aside while it runs: generate fills every option we leave unset from it, and its
     top_k, min_p or repetition penalty would make the rollouts come from another distribution than the policy
@@ -622,13 +623,17 @@ def generate_plain(model, prompts, max_new, stops, pad_id, temperature, top_p):
     from transformers import GenerationConfig
     ids, mask = left_pad(prompts, pad_id, model.device)
     sample = temperature > 0
+    options = {"temperature": temperature, "top_p": top_p, "top_k": 0} if sample else {}  # top_k 0: no cut
     config = GenerationConfig(max_new_tokens=max_new, do_sample=sample, eos_token_id=stops, pad_token_id=pad_id,
-                              **({"temperature": temperature, "top_p": top_p, "top_k": 0} if sample else {}))
+                              use_cache=True, **options)
     saved, model.generation_config = model.generation_config, GenerationConfig()
+    bar = tqdm(total=max_new, desc=desc, leave=False)
+    progress = SimpleNamespace(put=lambda ids: bar.update(ids.dim() == 1), end=bar.close)  # [B] per new token
     try:
-        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config, use_cache=True)
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config, streamer=progress)
     finally:
         model.generation_config = saved
+        bar.close()
     return out[:, ids.shape[1]:].tolist()
 
 
@@ -708,7 +713,8 @@ def _release(cache):
 
 
 @torch.no_grad()
-def generate_static(model, prompts, max_new, stops, pad_id, temperature, top_p, batch=None, prompt_len=None):
+def generate_static(model, prompts, max_new, stops, pad_id, temperature, top_p, batch=None, prompt_len=None,
+                    desc="sample"):
     """Same tokens as generate_plain for the same seed, over a static cache of `batch` rows x
     (`prompt_len` + max_new) slots. Extra rows (batch > len(prompts)) are padding and are dropped."""
     n = len(prompts)
@@ -724,7 +730,7 @@ def generate_static(model, prompts, max_new, stops, pad_id, temperature, top_p, 
     stop_t = torch.tensor(stops, device=model.device)
     out = torch.full((batch, max_new), pad_id, dtype=torch.long, device=model.device)
     done = torch.zeros(batch, dtype=torch.bool, device=model.device)
-    for t in range(max_new):
+    for t in tqdm(range(max_new), desc=desc, leave=False):
         token = torch.full((batch,), pad_id, dtype=torch.long, device=model.device)
         token[:n] = pick_tokens(logits[:n], temperature, top_p)  # padding rows draw nothing: same RNG use as plain
         token = torch.where(done, pad_id, token)
@@ -747,12 +753,13 @@ def generate_static(model, prompts, max_new, stops, pad_id, temperature, top_p, 
     return out[:n].tolist()
 
 
-def generate(model, prompts, max_new, stops, pad_id, temperature, top_p, fast, batch=None, prompt_len=None):
+def generate(model, prompts, max_new, stops, pad_id, temperature, top_p, fast, batch=None, prompt_len=None,
+             desc="sample"):
     """Responses (cut after their stop token) and finished flags for a batch of prompt id lists."""
     if fast:
-        rows = generate_static(model, prompts, max_new, stops, pad_id, temperature, top_p, batch, prompt_len)
+        rows = generate_static(model, prompts, max_new, stops, pad_id, temperature, top_p, batch, prompt_len, desc)
     else:
-        rows = generate_plain(model, prompts, max_new, stops, pad_id, temperature, top_p)
+        rows = generate_plain(model, prompts, max_new, stops, pad_id, temperature, top_p, desc)
     cut = [cut_at_stop(r, set(stops)) for r in rows]
     return [c[0] for c in cut], [c[1] for c in cut]
 
@@ -1038,7 +1045,8 @@ def guide(items, chosen, student_tok, teacher, teacher_tok, args):
     t_stops = stop_ids(teacher_tok, teacher)
     t_pad = pad_token_id(teacher_tok)
     replies, finished = generate(teacher, [q for _, q in queries], args.teacher_max_new_tokens, t_stops, t_pad,
-                                 0.0, 1.0, args.fast, batch=teacher_rows(args), prompt_len=args.teacher_max_prompt_len)
+                                 0.0, 1.0, args.fast, batch=teacher_rows(args), prompt_len=args.teacher_max_prompt_len,
+                                 desc="teacher")
     passed = 0
     for (i, _), reply, done in zip(queries, replies, finished):
         parsed = parse_teacher(teacher_tok.decode(reply, skip_special_tokens=True)) if done else None
@@ -1267,7 +1275,7 @@ def train(args):
             t0 = sync(args.device)
             responses, finished = generate(student, [it["prompt"] for it in items], args.max_new_tokens, stops,
                                            pad_id, args.temperature, args.top_p, args.fast, batch=n_roll,
-                                           prompt_len=prompt_width)
+                                           prompt_len=prompt_width, desc="student")
             for it, r, f in zip(items, responses, finished):
                 it.update(response=r, finished=f)
             t1 = sync(args.device)
@@ -1390,7 +1398,7 @@ def evaluate(model, tok, items, stops, pad_id, batch_size, max_new, fast, k=1, t
     for b in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
         idx = [i for i in order[b:b + batch_size] for _ in range(k)]
         responses, finished = generate(model, [prompts[i] for i in idx], max_new, stops, pad_id, temperature,
-                                       1.0, fast, batch=batch_size * k, prompt_len=prompt_len)
+                                       1.0, fast, batch=batch_size * k, prompt_len=prompt_len, desc="tokens")
         for j, (i, r, f) in enumerate(zip(idx, responses, finished)):
             text = tok.decode(r, skip_special_tokens=True)
             preds.append({"index": i, "sample": j % k, "question": items[i]["question"], "gold": items[i]["gold"],
