@@ -588,6 +588,15 @@ def test_render_chat_template_and_fallbacks():
     tok.chat_template = None  # a base model: "User: w1 is\n\nAssistant:" ("User", "Assistant" are unknown words here)
     ids = tt.render_chat(tok, [{"role": "user", "content": "w1 is"}])
     assert tok.convert_ids_to_tokens(ids) == ["<unk>", ":", "w1", "is", "<unk>", ":"]
+    # a base model whose tokenizer starts every text with BOS (Llama, Gemma) keeps its BOS without a template
+    from tokenizers import processors
+    raw = make_tokenizer().backend_tokenizer
+    raw.post_processor = processors.TemplateProcessing(single="<|im_start|> $A",
+                                                       special_tokens=[("<|im_start|>", 0)])
+    bos_tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                      unk_token="<unk>")
+    ids = tt.render_chat(bos_tok, [{"role": "user", "content": "w1 is"}])
+    assert bos_tok.convert_ids_to_tokens(ids) == ["<|im_start|>", "<unk>", ":", "w1", "is", "<unk>", ":"]
 
 
 def test_splice_ids(tok):

@@ -200,16 +200,17 @@ def teacher_messages(question, response):
 
 def render_chat(tok, messages):
     """Token ids of `messages` in the model's own chat template, ready for the assistant to answer."""
-    if getattr(tok, "chat_template", None) is None:  # base model: plain text turns
+    if getattr(tok, "chat_template", None) is None:  # base model: plain text turns, after the BOS its
         text = "".join(f"{m['role'].capitalize()}: {m['content']}\n\n" for m in messages) + "Assistant:"
-    else:
-        try:
-            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        except Exception:  # templates without a system role (e.g. Gemma): fold it into the first user turn
-            if messages[0]["role"] != "system":
-                raise
-            first = {"role": "user", "content": messages[0]["content"] + "\n\n" + messages[1]["content"]}
-            text = tok.apply_chat_template([first] + messages[2:], tokenize=False, add_generation_prompt=True)
+        bos = tok("")["input_ids"][:1]  # tokenizer puts before any text (Llama, Gemma; none for Qwen, GPT-2)
+        return (bos if bos == [tok.bos_token_id] else []) + tok(text, add_special_tokens=False)["input_ids"]
+    try:
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception:  # templates without a system role (e.g. Gemma): fold it into the first user turn
+        if messages[0]["role"] != "system":
+            raise
+        first = {"role": "user", "content": messages[0]["content"] + "\n\n" + messages[1]["content"]}
+        text = tok.apply_chat_template([first] + messages[2:], tokenize=False, add_generation_prompt=True)
     return tok(text, add_special_tokens=False)["input_ids"]  # the template already holds BOS where needed
 
 
