@@ -1072,6 +1072,11 @@ def pad_rows(rows, width):
     return torch.stack([F.pad(r, (0, width - len(r))) for r in rows])
 
 
+def by_length(items, rows):
+    """`rows` (indices into items) by full sequence length, so that micro-batches pad little."""
+    return sorted(rows, key=lambda i: len(items[i]["prompt"]) + len(items[i]["response"]))
+
+
 def update(model, items, old_logp, ref_logp, opt, params, master, args, pad_id, rng):
     """One pass over the step's rollouts in --minibatches optimizer steps, micro-batched by --micro-batch."""
     order = list(range(len(items)))
@@ -1080,8 +1085,7 @@ def update(model, items, old_logp, ref_logp, opt, params, master, args, pad_id, 
     stats, norms, skipped, losses = [], [], 0, []
     model.train()
     for mb in tqdm(range(args.minibatches), desc="update", leave=False):
-        rows = sorted(order[mb * size:(mb + 1) * size],  # micro-batches of similar lengths: less padding
-                      key=lambda i: len(items[i]["prompt"]) + len(items[i]["response"]))
+        rows = by_length(items, order[mb * size:(mb + 1) * size])
         n_tokens = sum(len(items[i]["response"]) for i in rows)
         finite = True
         for k in range(0, len(rows), args.micro_batch):
@@ -1125,8 +1129,8 @@ def score_old(model, ref, items, args, pad_id):
     """Old log-probs: the current student scores every final sequence (spliced ones too) once, before any
     update, at the sampling temperature. The KL reference (when --kl-beta > 0) scores them too."""
     old, refs = [None] * len(items), [None] * len(items)
-    order = sorted(range(len(items)), key=lambda i: len(items[i]["prompt"]) + len(items[i]["response"]))
-    for k in range(0, len(order), args.micro_batch):  # micro-batches of similar lengths: less padding
+    order = by_length(items, range(len(items)))
+    for k in range(0, len(order), args.micro_batch):
         sub = order[k:k + args.micro_batch]
         P, R = [items[i]["prompt"] for i in sub], [items[i]["response"] for i in sub]
         lp = response_logprobs(model, P, R, args.temperature, pad_id)  # [n, T]
@@ -1168,20 +1172,21 @@ def print_plan(args, n_problems, skipped, student, teacher, ref, params, master,
     # what comes and goes (each KV cache lives only while its model samples; gradients only in the update)
     size = student.dtype.itemsize
     frozen = sum(p.numel() * p.element_size() for m in {teacher, ref} - {None} for p in m.parameters())
-    trained = n_params * (size + 8 + (0 if master is params else 4))  # also the size of a checkpoint on disk
+    separate_master = master is not params  # bf16 weights: fp32 copies beside them
+    trained = n_params * (size + 8 + 4 * separate_master)  # also the size of a checkpoint on disk
     stays = trained + frozen
     student_kv = kv_cache_bytes(student.config, n_roll, prompt_width + args.max_new_tokens, size)
     teacher_kv = kv_cache_bytes(teacher.config, teacher_rows(args), args.teacher_max_prompt_len
                                 + args.teacher_max_new_tokens, teacher.dtype.itemsize) if teacher else 0
     peak = stays + max(student_kv, teacher_kv, n_params * size)
     print(f"student {n_params / 1e6:.0f}M parameters, {args.dtype} on {args.device}; memory estimate: "
-          f"{stays / 1e9:.1f} GB always (weights{'' if master is params else ', fp32 master weights'}, AdamW "
+          f"{stays / 1e9:.1f} GB always (weights{', fp32 master weights' * separate_master}, AdamW "
           f"state, {frozen / 1e9:.1f} GB frozen teacher/reference), plus the largest of {student_kv / 1e9:.1f} GB "
           f"student KV cache, {teacher_kv / 1e9:.1f} GB teacher KV cache, {n_params * size / 1e9:.1f} GB gradients "
           f"(+ activations): about {peak / 1e9:.0f} GB at the peak")
     free = shutil.disk_usage(args.out).free
     print(f"checkpoints: about {trained / 1e9:.1f} GB each (model, AdamW state"
-          f"{'' if master is params else ', fp32 master weights'}; a save writes the new one before deleting the "
+          f"{', fp32 master weights' * separate_master}; a save writes the new one before deleting the "
           f"old), {free / 1e9:.0f} GB free in {args.out}")
     if free < trained:
         print(f"note: not enough free disk for a checkpoint in {args.out}: free some space or choose another --out")
