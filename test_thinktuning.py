@@ -106,8 +106,13 @@ def run(argv):
     return tt.main([str(a) for a in argv])
 
 
+def rollout(response, prompt=(0, 4), **fields):
+    """A Rollout with the given response ids (and prompt ids), finished; other fields by keyword."""
+    return tt.Rollout("q", "5", list(prompt), list(response), finished=True, **fields)
+
+
 # --------------------------------------------------------------------------------------------- grader
-# (response, gold, expected). Our own cases across GRADER.md's categories, right and wrong.
+# (response, gold, expected). Our own cases across the grader's categories (README, "The grader"), right and wrong.
 GRADER_CASES = [
     # boxed answers, nested braces
     ("So the total is 18 + 4 = 22.\n\n\\boxed{22}", "22", True),
@@ -489,7 +494,7 @@ def test_policy_loss_gradient_matches_formula_on_random_batch():
     guided[3, 4:] = True
     loss, _ = tt.policy_loss(logp, old, adv, mask, guided)
     loss.backward()
-    # independent per-token gradient, written from METHOD.md's equations
+    # independent per-token gradient, written from the README's equations
     expected = torch.zeros(N, T, dtype=torch.float64)
     for i in range(N):
         for t in range(T):
@@ -609,12 +614,10 @@ def test_splice_ids(tok):
 
 
 def test_guided_mask_options(tok):
-    item = {"response": [1, 2, 3, 4, 5], "guided": True, "n_student": 2}
-    args = type("A", (), {"guide_teacher_tokens_only": False})()
-    assert tt.guided_mask(item, args).tolist() == [1, 1, 1, 1, 1]
-    args.guide_teacher_tokens_only = True
-    assert tt.guided_mask(item, args).tolist() == [0, 0, 1, 1, 1]
-    assert tt.guided_mask({"response": [1, 2], "guided": False}, args).tolist() == [0, 0]
+    item = rollout([1, 2, 3, 4, 5], guided=True, n_student=2)
+    assert tt.guided_mask(item).tolist() == [1, 1, 1, 1, 1]
+    assert tt.guided_mask(item, teacher_tokens_only=True).tolist() == [0, 0, 1, 1, 1]
+    assert tt.guided_mask(rollout([1, 2]), teacher_tokens_only=True).tolist() == [0, 0]
 
 
 # --------------------------------------------------------------------------------------------- masks, log-probs
@@ -631,7 +634,7 @@ def test_response_logprobs_keep_eos_and_ignore_padding(tok):
     prompts = [[0, 3, 9, 1], [0, 3, 10, 11, 12, 13, 14, 1]]
     responses = [[eos, 14, eos], [15]]  # an EOS inside and at the end of a response; pad is EOS too
     # rows of 7 and 9 tokens: the first ends in two pads (= EOS), which must change nothing before them
-    lp = tt.response_logprobs(model, prompts, responses, 1.0, tok.pad_token_id)
+    lp = tt.response_logprobs(model, prompts, responses, 1.0)
     assert lp.shape == (2, 3) and lp[1, 1:].abs().sum() == 0  # past the response: exactly zero
     for i, (p, r) in enumerate(zip(prompts, responses)):  # independent: full logits of each unpadded sequence
         with torch.no_grad():
@@ -651,15 +654,15 @@ def test_response_logprobs_pass_no_attention_mask(tok, monkeypatch):
         return sdpa(module, query, key, value, attention_mask, **kwargs)
 
     monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "sdpa", probe)
-    tt.response_logprobs(make_model(tok), [[0, 3, 9, 1], [0, 3, 10, 11, 12, 1]], [[14, 15], [16, 17, 1]], 1.0,
-                         tok.pad_token_id)  # rows of 6 and 9 tokens: the first is padded
+    # rows of 6 and 9 tokens: the first is padded
+    tt.response_logprobs(make_model(tok), [[0, 3, 9, 1], [0, 3, 10, 11, 12, 1]], [[14, 15], [16, 17, 1]], 1.0)
     assert len(seen) == 2 and all(m is None for m in seen)  # one call per layer
 
 
 def test_response_logprobs_temperature(tok):
     model = make_model(tok)
     p, r = [[0, 3, 9, 1]], [[14, 15]]
-    lp = tt.response_logprobs(model, p, r, 0.5, tok.pad_token_id)
+    lp = tt.response_logprobs(model, p, r, 0.5)
     with torch.no_grad():
         logits = (model(torch.tensor([p[0] + r[0]])).logits[0] / 0.5).log_softmax(-1)
     assert lp[0, 1].item() == pytest.approx(logits[4, 15].item(), abs=1e-5)
@@ -675,7 +678,7 @@ def test_response_logprobs_with_soft_capped_head(tok):
     with torch.no_grad():
         model.lm_head.weight.mul_(200)  # logits large enough for the cap to matter
     p, r = [[0, 3, 9, 1]], [[14, 15, 16]]
-    lp = tt.response_logprobs(model, p, r, 1.0, tok.pad_token_id)
+    lp = tt.response_logprobs(model, p, r, 1.0)
     with torch.no_grad():
         out = model(torch.tensor([p[0] + r[0]]), output_hidden_states=True)
         capped = out.logits[0].log_softmax(-1)  # the model applies the cap itself
@@ -689,22 +692,21 @@ def test_score_old_returns_each_rollouts_own_logprobs(tok):
     # score_old batches rollouts sorted by length; each result must still belong to its own rollout.
     # Reference: every rollout scored alone (no padding, no batching) by an explicit log-softmax.
     student, ref = make_model(tok, seed=6), make_model(tok, seed=7)
-    items = [{"prompt": [0, 3, 9, 1, 0, 4], "response": [20, 21, 22, 23, 24, 1]},
-             {"prompt": [0, 4], "response": [30]},
-             {"prompt": [0, 3, 10, 11, 12, 1, 0, 4], "response": [25, 26, 1]},
-             {"prompt": [0, 5, 1, 0, 4], "response": [27, 28, 29, 31, 32, 33, 34]},
-             {"prompt": [0, 6, 1, 0, 4], "response": [35, 36]}]
-    args = type("A", (), {"micro_batch": 2, "temperature": 0.7})()
-    old, refs = tt.score_old(student, ref, items, args, tok.pad_token_id)
-    for it, lp, lr in zip(items, old, refs):
-        seq, n = torch.tensor([it["prompt"] + it["response"]]), len(it["prompt"])
+    items = [rollout([20, 21, 22, 23, 24, 1], [0, 3, 9, 1, 0, 4], adv=1.0), rollout([30], [0, 4], adv=-1.0),
+             rollout([25, 26, 1], [0, 3, 10, 11, 12, 1, 0, 4], adv=0.5),
+             rollout([27, 28, 29, 31, 32, 33, 34], [0, 5, 1, 0, 4], adv=2.0), rollout([35, 36], [0, 6, 1, 0, 4], adv=-1)]
+    args = type("A", (), {"micro_batch": 2, "temperature": 0.7, "kl_beta": 0.0})()
+    tt.score_old(student, ref, items, args)
+    for it in items:
+        lp, lr = it.old_logp, it.ref_logp
+        seq, n = torch.tensor([it.prompt + it.response]), len(it.prompt)
         for model, got in ((student, lp), (ref, lr)):
             with torch.no_grad():
                 logits = model(seq).logits[0, n - 1:-1] / 0.7  # [T, V]: the outputs that predict the response
             want = logits.log_softmax(-1).gather(-1, seq[0, n:, None]).squeeze(-1)
-            assert got.shape == (len(it["response"]),) and torch.allclose(got, want, atol=1e-5)
-    _, no_refs = tt.score_old(student, None, items, args, tok.pad_token_id)
-    assert no_refs == [None] * len(items)
+            assert got.shape == (len(it.response),) and torch.allclose(got, want, atol=1e-5)
+    tt.score_old(student, None, items, args)
+    assert [it.ref_logp for it in items] == [None] * len(items)
 
 
 def test_trainable_model_has_no_dropout(tok, tmp_path):
@@ -717,11 +719,11 @@ def test_trainable_model_has_no_dropout(tok, tmp_path):
     args = type("A", (), {"dtype": "float32", "device": "cpu", "no_grad_ckpt": True})()
     p, r = [[0, 3, 9, 1, 0, 4]], [[20, 21, 22, 23, 1]]
     raw = AutoModelForCausalLM.from_pretrained(tmp_path).train()  # as saved: dropout active in train mode
-    assert not torch.equal(tt.response_logprobs(raw, p, r, 1.0, 0), tt.response_logprobs(raw, p, r, 1.0, 0))
+    assert not torch.equal(tt.response_logprobs(raw, p, r, 1.0), tt.response_logprobs(raw, p, r, 1.0))
     model = tt.load_model(str(tmp_path), args, trainable=True)
     with torch.no_grad():
-        old = tt.response_logprobs(model.eval(), p, r, 1.0, 0)
-    new = tt.response_logprobs(model.train(), p, r, 1.0, 0)
+        old = tt.response_logprobs(model.eval(), p, r, 1.0)
+    new = tt.response_logprobs(model.train(), p, r, 1.0)
     assert torch.allclose(new, old, atol=1e-6)
     model.save_pretrained(tmp_path / "saved")
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "saved").config.attention_dropout == 0.9
@@ -729,7 +731,7 @@ def test_trainable_model_has_no_dropout(tok, tmp_path):
 
 def test_right_pad_layout(tok):
     pad = tok.pad_token_id
-    ids = tt.right_pad([[3, pad, 4], [pad], [5, 6]], pad, "cpu")  # a real token equal to pad is just a token
+    ids = tt.right_pad([[3, pad, 4], [pad], [5, 6]], "cpu", pad)  # a real token equal to pad is just a token
     assert ids.tolist() == [[3, pad, 4], [pad, pad, pad], [5, 6, pad]]
 
 
@@ -740,10 +742,9 @@ def test_static_sampler_matches_generate(tok, temperature, top_p):
     prompts = [[0, 3, 9, 1, 0, 4], [0, 3, 10, 11, 12, 13, 14, 1, 0, 4], [0, 4]]
     stops = [tok.eos_token_id]
     torch.manual_seed(7)
-    plain = tt.generate_plain(model, prompts, 12, stops, tok.pad_token_id, temperature, top_p)
+    plain = tt.generate_plain(model, prompts, tt.Sampling(stops, tok.pad_token_id, 12, temperature, top_p))
     torch.manual_seed(7)
-    fast = tt.generate_static(model, prompts, 12, stops, tok.pad_token_id, temperature, top_p,
-                              batch=4, prompt_len=16)
+    fast = tt.generate_static(model, prompts, tt.Sampling(stops, tok.pad_token_id, 12, temperature, top_p, batch=4, prompt_len=16))
     cut = lambda rows: [tt.cut_at_stop(r, set(stops)) for r in rows]  # noqa: E731
     assert cut(plain) == cut(fast)
     if temperature > 0:
@@ -759,10 +760,9 @@ def test_plain_sampler_ignores_the_checkpoints_sampling_defaults(tok):
     prompts, stops = [[0, 3, 9, 1, 0, 4], [0, 4]], [tok.eos_token_id]
     for temperature in (1.0, 0.0):
         torch.manual_seed(5)
-        plain = tt.generate_plain(model, prompts, 12, stops, tok.pad_token_id, temperature, 1.0)
+        plain = tt.generate_plain(model, prompts, tt.Sampling(stops, tok.pad_token_id, 12, temperature, 1.0))
         torch.manual_seed(5)
-        fast = tt.generate_static(model, prompts, 12, stops, tok.pad_token_id, temperature, 1.0, batch=2,
-                                  prompt_len=8)
+        fast = tt.generate_static(model, prompts, tt.Sampling(stops, tok.pad_token_id, 12, temperature, 1.0, batch=2, prompt_len=8))
         assert [tt.cut_at_stop(r, set(stops)) for r in plain] == [tt.cut_at_stop(r, set(stops)) for r in fast]
     assert model.generation_config.top_k == 2 and model.generation_config.min_p == 0.3  # handed back intact
 
@@ -773,8 +773,8 @@ def test_static_sampler_without_any_padding(tok):
     model = make_model(tok, seed=3)
     prompts, stops = [[0, 3, 9, 1, 0, 4], [0, 3, 10, 11, 1, 4]], [tok.eos_token_id]
     for rows in (prompts[:1], prompts):
-        plain = tt.generate_plain(model, rows, 12, stops, tok.pad_token_id, 0.0, 1.0)
-        fast = tt.generate_static(model, rows, 12, stops, tok.pad_token_id, 0.0, 1.0, batch=len(rows), prompt_len=6)
+        plain = tt.generate_plain(model, rows, tt.Sampling(stops, tok.pad_token_id, 12, 0.0, 1.0))
+        fast = tt.generate_static(model, rows, tt.Sampling(stops, tok.pad_token_id, 12, 0.0, 1.0, batch=len(rows), prompt_len=6))
         assert fast == plain
 
 
@@ -784,10 +784,10 @@ def test_compiled_decode_step_matches_generate(tok):
     prompts, stops = [[0, 3, 9, 1, 0, 4], [0, 3, 10, 11, 12, 13, 14, 1, 0, 4], [0, 4]], [tok.eos_token_id]
     tt._static_decoder(model, 4, 16 + 12, compile_step=True)  # the entry generate_static will use
     torch.manual_seed(7)
-    plain = tt.generate_plain(model, prompts, 12, stops, tok.pad_token_id, 1.0, 1.0)
+    plain = tt.generate_plain(model, prompts, tt.Sampling(stops, tok.pad_token_id, 12, 1.0, 1.0))
     for _ in range(2):  # the second call reuses the compiled step
         torch.manual_seed(7)
-        fast = tt.generate_static(model, prompts, 12, stops, tok.pad_token_id, 1.0, 1.0, batch=4, prompt_len=16)
+        fast = tt.generate_static(model, prompts, tt.Sampling(stops, tok.pad_token_id, 12, 1.0, 1.0, batch=4, prompt_len=16))
         assert [tt.cut_at_stop(r, set(stops)) for r in fast] == [tt.cut_at_stop(r, set(stops)) for r in plain]
     assert tt._STATIC[(id(model), 4, 28)]["step"] is not tt._STATIC[(id(model), 4, 28)]["eager"]
 
@@ -810,7 +810,7 @@ def test_decode_attention_matches_repeated_kv():
 def _decode_step_shapes(model, tok, B=2, P=8, new=3):
     """Shapes of every tensor in the graph(s) torch.compile captures from the fast path's one-token step."""
     prompts = [[0, 3, 9, 1, 0, 4], [0, 4]]
-    tt.generate_static(model, prompts, new, [tok.eos_token_id], tok.pad_token_id, 0.0, 1.0, batch=B, prompt_len=P)
+    tt.generate_static(model, prompts, tt.Sampling([tok.eos_token_id], tok.pad_token_id, new, 0.0, 1.0, batch=B, prompt_len=P))
     step = tt._static_decoder(model, B, P + new)["eager"]  # its cache now holds the prompts
     shapes = []
 
@@ -850,10 +850,10 @@ def test_static_cache_release_and_reuse(tok):
     model = make_model(tok, seed=4)
     prompts, stops = [[0, 3, 9, 1, 0, 4], [0, 4]], [tok.eos_token_id]
     torch.manual_seed(1)
-    first = tt.generate_static(model, prompts, 10, stops, tok.pad_token_id, 1.0, 1.0, batch=2, prompt_len=8)
+    first = tt.generate_static(model, prompts, tt.Sampling(stops, tok.pad_token_id, 10, 1.0, 1.0, batch=2, prompt_len=8))
     tt._release(tt._static_decoder(model, 2, 18)["cache"])
     torch.manual_seed(1)
-    again = tt.generate_static(model, prompts, 10, stops, tok.pad_token_id, 1.0, 1.0, batch=2, prompt_len=8)
+    again = tt.generate_static(model, prompts, tt.Sampling(stops, tok.pad_token_id, 10, 1.0, 1.0, batch=2, prompt_len=8))
     assert first == again
 
 
@@ -861,41 +861,40 @@ def test_micro_batches_add_up_to_the_mini_batch_token_mean(tok, monkeypatch):
     # L = sum(m * l) / sum(m) over the whole mini-batch: accumulating micro-batches of 1 or 2 rows must give
     # the gradient of one forward over all rows (rows of different lengths, guided and not, some ratios clipped)
     model = make_model(tok, seed=8)
-    items = [{"prompt": [0, 3, 9, 1, 0, 4], "response": [20, 21, 22, 23, 1], "adv": 1.2, "guided": False},
-             {"prompt": [0, 4], "response": [30, 31], "adv": -0.7, "guided": True, "n_student": 1},
-             {"prompt": [0, 5, 1, 0, 4], "response": [25, 26, 27, 28, 29, 32, 1], "adv": -1.5, "guided": False},
-             {"prompt": [0, 6, 1, 0, 4], "response": [35, 1], "adv": 0.4, "guided": True, "n_student": 1}]
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        old = [lp + 0.3 * torch.randn(len(lp), generator=g)  # ratios away from 1, so some tokens are clipped
-               for lp in tt.score_old(model, None, items, type("A", (), {"micro_batch": 4, "temperature": 1.0})(),
-                                      tok.pad_token_id)[0]]
+    items = [rollout([20, 21, 22, 23, 1], [0, 3, 9, 1, 0, 4], adv=1.2),
+             rollout([30, 31], [0, 4], adv=-0.7, guided=True, n_student=1),
+             rollout([25, 26, 27, 28, 29, 32, 1], [0, 5, 1, 0, 4], adv=-1.5),
+             rollout([35, 1], [0, 6, 1, 0, 4], adv=0.4, guided=True, n_student=1)]
     args = type("A", (), {"minibatches": 1, "temperature": 1.0, "clip_eps": 0.2, "dual_clip": 3.0, "kl_beta": 0.0,
-                          "grad_clip": 1.0,
-                          "guide_teacher_tokens_only": False})()
-    # reference: one forward over all four rows, the loss of METHOD.md, one backward
-    logp = tt.response_logprobs(model, [it["prompt"] for it in items], [it["response"] for it in items], 1.0,
-                                tok.pad_token_id)  # [4, 7]
+                          "grad_clip": 1.0, "micro_batch": 4, "guide_teacher_tokens_only": False})()
+    g = torch.Generator().manual_seed(0)
+    tt.score_old(model, None, items, args)
+    for it in items:  # ratios away from 1, so some tokens are clipped
+        it.old_logp = it.old_logp + 0.3 * torch.randn(len(it.old_logp), generator=g)
+    old = [it.old_logp for it in items]
+    # reference: one forward over all four rows, the loss of the README, one backward
+    logp = tt.response_logprobs(model, [it.prompt for it in items], [it.response for it in items], 1.0)  # [4, 7]
     T = logp.shape[1]
-    mask = tt.pad_rows([torch.ones(len(it["response"])) for it in items], T)
-    guided = tt.pad_rows([tt.guided_mask(it, args) for it in items], T)
-    loss, st = tt.policy_loss(logp, tt.pad_rows(old, T), torch.tensor([it["adv"] for it in items]), mask, guided)
+    mask = tt.pad_rows([torch.ones(len(it.response)) for it in items], T)
+    guided = tt.pad_rows([tt.guided_mask(it) for it in items], T)
+    loss, st = tt.policy_loss(logp, tt.pad_rows(old, T), torch.tensor([it.adv for it in items]), mask, guided)
     assert st["clip_frac"] > 0
     loss.backward()
     want = [p.grad.clone() for p in model.parameters()]
     model.zero_grad(set_to_none=True)
     seen = []
 
-    def probe(opt, params, master, clip):  # in place of the optimizer: record the gradient it would apply
-        seen.append([p.grad.clone() for p in params])
+    optim = tt.MasterAdamW(model, 1e-3, 0.0)
+
+    def probe(clip):  # in place of the optimizer step: record the gradient it would apply
+        seen.append([p.grad.clone() for p in model.parameters()])
         model.zero_grad(set_to_none=True)
         return 1.0, True
 
-    monkeypatch.setattr(tt, "optimizer_step", probe)
-    params = list(model.parameters())
+    monkeypatch.setattr(optim, "step", probe)
     for micro in (1, 2):
         args.micro_batch = micro
-        out = tt.update(model, items, old, [], None, params, params, args, tok.pad_token_id, random.Random(0))
+        out = tt.update(model, items, optim, args, random.Random(0))
         assert out["loss"] == pytest.approx(loss.item(), rel=1e-5)
         assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(seen[-1], want))
 
@@ -934,10 +933,10 @@ def test_chunked_master_weight_step_matches_plain_adamw(tok):
     assert ref_norm > 1.5  # the clip is active
     ref_opt = torch.optim.AdamW(ref, lr=1e-3, weight_decay=0.01)
     ref_opt.step()
-    args = type("A", (), {"lr": 1e-3, "weight_decay": 0.01, "device": "cpu"})()
-    opt, ps, master = tt.make_optimizer(model, args)
-    assert master is not ps and master[0].dtype == torch.float32
-    norm, ok = tt.optimizer_step(opt, ps, master, 1.0, chunk=3000)  # many chunks
+    optim = tt.MasterAdamW(model, 1e-3, 0.01)
+    ps, master = optim.params, optim.master
+    assert optim.separate() and master[0].dtype == torch.float32
+    norm, ok = optim.step(1.0, chunk=3000)  # many chunks
     assert ok and norm == pytest.approx(ref_norm.item(), rel=1e-5)
     for r, m, p in zip(ref, master, ps):
         assert torch.allclose(r, m, atol=1e-7) and torch.equal(p, m.to(torch.bfloat16)) and p.grad is None
@@ -947,7 +946,7 @@ def test_sampler_stops_at_eos_with_bigram_model(tok):
     model = make_bigram_model(tok)
     prompt = tt.render_chat(tok, [{"role": "user", "content": "w1 is 2 + 3"}])
     for fast in (False, True):
-        (resp,), (done,) = tt.generate(model, [prompt], 30, [tok.eos_token_id], tok.pad_token_id, 0.0, 1.0, fast)
+        (resp,), (done,) = tt.generate(model, [prompt], tt.Sampling([tok.eos_token_id], tok.pad_token_id, 30, 0.0, 1.0, fast))
         assert done and tok.convert_ids_to_tokens(resp) == CHAIN[1:]
 
 
@@ -980,8 +979,16 @@ def test_two_training_steps_with_teacher(model_dirs, train_file, tmp_path):
     assert first["aas_tokens"] > 0 and math.isfinite(first["loss"])
     assert rows[1]["guidance_pct"] == pytest.approx(0.1 - 0.09 / 16)
     samples = read_jsonl(out / "samples.jsonl")
-    guided = [s for s in samples if s["guided"]]
+    guided = [s for s in samples if s.get("guided")]
     assert guided and all(s["teacher"] == "checkedso\\boxed{5}" for s in guided)
+    replies = [s for s in samples if s.get("kind") == "teacher_reply"]  # every reply is logged, passed or not
+    assert len(replies) == 4 and all(r["passed"] and r["why"] == "" for r in replies)
+    for s in guided:  # token by token, with p and the AAS weight at scoring time (1 exactly where A = 0)
+        assert len(s["tokens"]) == len(s["weight"]) and "".join(s["tokens"][s["n_student"]:-1]) == s["teacher"]
+        if s["adv"] == 0:
+            assert s["p"] is None and set(s["weight"]) == {1.0}
+        else:
+            assert len(s["p"]) == len(s["tokens"]) and all(0 < p <= 1 for p in s["p"])
     assert all(s["reward"] == float(s["gold"] == "5") for s in guided)  # graded on the teacher's answer
     assert (out / "ckpt" / "model.safetensors").exists()
     moved = (weights(out / "ckpt") - weights(model_dirs["bigram"])).abs().max()
@@ -1018,11 +1025,12 @@ def test_memory_estimate_and_gpu_warning_by_hand(tok, tmp_path, monkeypatch, cap
     args = tt.build_parser().parse_args(["--model", "m", "--prompts-per-step", "2", "--group-size", "4",
                                          "--max-new-tokens", "20", "--out", str(tmp_path)])
     args.device, args.dtype = "cuda", "float32"  # as on a GPU, without one: only the device's size is asked
-    params = list(student.parameters())
+    run_ = type("Run", (), {"args": args, "student": student, "teacher": teacher, "ref": None,
+                            "optim": tt.MasterAdamW(student, 1e-6, 0.0)})()
     for total, warned in ((2_629_525, False), (2_629_524, True)):  # 2,498,048 / 0.95 = 2,629,524.2
         monkeypatch.setattr(tt.torch.cuda, "get_device_properties",
                             lambda device: type("Props", (), {"total_memory": total})())
-        tt.print_plan(args, 10, 0, student, teacher, None, params, params, prompt_width=64)
+        tt.print_plan(run_, 10, 0, prompt_width=64)
         assert ("more than this GPU" in capsys.readouterr().out) == warned
 
 
@@ -1086,7 +1094,7 @@ def test_interrupted_save_keeps_previous_checkpoint(model_dirs, train_file, tmp_
 
     monkeypatch.setattr(model, "save_pretrained", broken_save)
     with pytest.raises(KeyboardInterrupt):
-        tt.save_checkpoint(str(out), model, None, None, None, None, {})
+        tt.save_checkpoint(str(out), model, None, {})
     assert torch.equal(weights(out / "ckpt"), before)
 
 
@@ -1133,6 +1141,7 @@ def test_unknown_model_fails_in_one_line(train_file, tmp_path, capsys):
 def test_non_finite_loss_skips_the_update(model_dirs, train_file, tmp_path, monkeypatch):
     real = tt.policy_loss
     monkeypatch.setattr(tt, "policy_loss", lambda *a, **k: (real(*a, **k)[0] * float("nan"), real(*a, **k)[1]))
+    monkeypatch.setattr(tt, "moves_weights", lambda rollout, args: True)  # compute every row, also A = 0
     out = tmp_path / "nan"
     assert run(base_args(model_dirs["random"], train_file, out, "--no-teacher", "--steps", 1)) == 0
     assert read_jsonl(out / "metrics.jsonl")[0]["skipped_updates"] == 2

@@ -1,19 +1,35 @@
 """ThinkTuning in one file: teacher-guided GRPO that teaches a language model to reflect on its reasoning.
 
 Paper: "ThinkTuning: Instilling Cognitive Reflections without Distillation", Aswin RRV et al., EMNLP 2025,
-https://arxiv.org/abs/2508.07616
+https://arxiv.org/abs/2508.07616. The README writes out every equation beside the function that implements it.
 
     python thinktuning.py --model HuggingFaceTB/SmolLM2-135M-Instruct --out runs/tt      # ThinkTuning
     python thinktuning.py --model ... --no-teacher --out runs/grpo                        # vanilla GRPO baseline
     python thinktuning.py --model runs/tt/ckpt --eval gsm8k,math500,aime24 --out runs/tt  # benchmarks
 
-One training step, in the order of this file: B prompts -> G rollouts each from the student -> the teacher
-(a frozen copy of the initial student, made a teacher by a few-shot prompt) reads one finished rollout per
-group and writes first-person feedback -> that feedback is spliced onto the rollout -> regex-graded rewards ->
-group-normalised advantages -> dual-clip PPO on the student's own tokens, Advantage-Aware Shaping (AAS) on
-guided ones -> AdamW. After the first few steps the teacher is switched off and training is plain GRPO.
+Part I is the method, in the order of one training step. Part II is machinery that a first reading may skip.
+
+Where this file departs from the paper or the authors' code (README, "Departures", says why for each):
+- gamma(A) = clip(A / 4000, -0.001, 0.001); the authors' clamp had its bounds swapped (gamma = -0.001 always).
+- "finished" is read from the sampled token ids; the authors read EOS from decoded text (reward always 0).
+- the teacher's reply must be exactly the three tags, in order, non-empty, ended by EOS (authors: a check
+  whose unescaped pattern let malformed but complete replies through).
+- a guided rollout is graded on the teacher's text alone (authors: the whole spliced sequence).
+- teacher text over --teacher-text-max tokens leaves the rollout unguided (it is not truncated).
+- a teacher prompt over --teacher-max-prompt-len leaves the rollout unguided (authors: left-truncated).
+- any stop id of the model's generation config counts as EOS, not only the tokenizer's.
+- the token mean runs over the whole mini-batch (authors' verl: per micro-batch); gradients add up over
+  micro-batches in the model's dtype (bf16 on a GPU) and AdamW updates fp32 master weights.
+- dual clip (c = 3) applies in every step, also after guidance ends.
+- rows whose advantage is 0 are neither scored nor back-propagated when --kl-beta is 0 (their loss and
+  gradient are exactly 0); their tokens still count in the token mean.
+- no dropout while training; the checkpoint's own sampling defaults (top_k, min_p...) are ignored.
+- 32 prompts per step by default, not 128: one GPU.
+Left out on purpose (README, "Left out"): several GPUs, vLLM, LoRA, learning-rate schedules and warm-up,
+an entropy bonus, a computer algebra system in the grader, sharing the teacher's few-shot prefix cache.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -24,6 +40,7 @@ import signal
 import sys
 import time
 import zlib
+from dataclasses import dataclass
 from fractions import Fraction
 from types import SimpleNamespace
 
@@ -31,111 +48,60 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-# ================================================================================================ 1. config
-# Every hyperparameter lives here, with the paper's / authors' value where it differs from ours.
+# ################################################################################################################
+# PART I. THE METHOD, in the order of one training step
+# ################################################################################################################
+
+# ------------------------------------------------------------------------------------------------ settings
+# The method's hyperparameters, with the paper's value where ours differs. Machinery flags: Part II.
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="ThinkTuning (teacher-guided GRPO) or vanilla GRPO, on one GPU.")
+    p = argparse.ArgumentParser(description="ThinkTuning (teacher-guided GRPO) or vanilla GRPO, on one GPU.",
+                                allow_abbrev=False)
 
     def a(*flags, **kw):  # add_argument, with the default shown where there is one
         if kw.get("default") is not None and "action" not in kw:
             kw["help"] += " [%(default)s]"
         p.add_argument(*flags, **kw)
 
-    # models and data
     a("--model", help="student: a Hub name or a local folder (required unless --resume)")
     a("--teacher", help="teacher model; default: a frozen copy of --model's initial weights (the paper's choice)")
     a("--no-teacher", action="store_true", help="vanilla GRPO: the paper's baseline, everything else equal")
     a("--train-data", default="openai/gsm8k", help="Hub dataset (GSM8K main train) or a local .jsonl/.json/.parquet")
-    a("--out", default="runs/thinktuning", help="run folder: metrics, samples, checkpoints, evaluation")
-    a("--resume", metavar="OUT", help="continue the run saved in OUT (its settings; flags given here override)")
     # step size. Paper: 128 prompts x 5 for one epoch of GSM8K (~58 steps). One GPU: 32 prompts (160 rollouts).
     a("--steps", type=int, default=58, help="total training steps (counted from the start, also on --resume)")
-    a("--prompts-per-step", type=int, default=32, help="questions per step (paper: 128; lowered for one GPU)")
+    a("--prompts-per-step", type=int, default=32, help="B: questions per step (paper: 128; lowered for one GPU)")
     a("--group-size", type=int, default=5, help="G: rollouts per question (paper: 5)")
     a("--max-prompt-len", type=int, default=512, help="student prompt tokens; longer questions are skipped")
     a("--max-new-tokens", type=int, default=1024, help="student response tokens (paper: 1024)")
     a("--temperature", type=float, default=1.0, help="student sampling temperature (paper: 1.0)")
     a("--top-p", type=float, default=1.0, help="student nucleus sampling (paper: 1.0)")
-    # teacher
     a("--teacher-max-prompt-len", type=int, default=3072, help="teacher prompt tokens; longer queries stay unguided")
     a("--teacher-max-new-tokens", type=int, default=1024, help="teacher response tokens, greedy (paper: 1024)")
-    a("--teacher-text-max", type=int, default=512, help="spliced teacher tokens kept at most (paper: 512)")
+    a("--teacher-text-max", type=int, default=512,
+      help="spliced teacher tokens at most; a longer reply leaves the rollout unguided (paper: 512)")
     a("--schedule-steps", type=int, default=50, help="total_steps of the guidance schedule (authors: 50 -> steps 1-8)")
     a("--guide-teacher-tokens-only", action="store_true",
       help="apply AAS to the teacher-written tokens only (default: the whole guided response, as the authors)")
-    # loss and optimiser (METHOD.md's table)
     a("--minibatches", type=int, default=4, help="optimizer steps per training step (paper: 4)")
-    a("--micro-batch", type=int, default=8, help="rows per forward/backward; lower it if memory runs out")
     a("--lr", type=float, default=1e-6, help="AdamW learning rate, constant (paper: 1e-6)")
     a("--weight-decay", type=float, default=0.01, help="AdamW weight decay (paper: 0.01)")
     a("--grad-clip", type=float, default=1.0, help="gradient-norm clip (paper: 1.0)")
     a("--clip-eps", type=float, default=0.2, help="PPO ratio clip epsilon (paper: 0.2)")
     a("--dual-clip", type=float, default=3.0, help="dual-clip constant c for negative advantages (paper: 3)")
     a("--kl-beta", type=float, default=0.0, help="k3 KL penalty to the initial model (paper: 0, off)")
-    # machinery
     a("--seed", type=int, default=0, help="seed for data order, rollout selection and sampling")
-    a("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    a("--dtype", default="auto", choices=["auto", "bfloat16", "float32"], help="auto: bfloat16 on GPU, float32 on CPU")
-    a("--no-fast", action="store_true", help="on GPU, sample with plain model.generate instead of the compiled sampler")
-    a("--no-grad-ckpt", action="store_true", help="turn off gradient checkpointing (on by default on GPU)")
-    a("--save-every", type=int, default=20, help="checkpoint every N steps (and always at the end)")
-    a("--log-samples", type=int, default=4, help="full rollouts per step written to samples.jsonl")
-    # evaluation
-    a("--eval", help="evaluate only: comma-separated gsm8k,math500,aime24,aime25,gpqa or local files")
-    a("--eval-limit", type=int, help="first N items of each benchmark")
-    a("--eval-samples", type=int, default=1, help="samples per question (1 = greedy pass@1, the paper's protocol)")
-    a("--eval-temperature", type=float, default=0.0, help="sampling temperature when --eval-samples > 1")
-    a("--eval-max-new-tokens", type=int, help="response tokens in evaluation (default: --max-new-tokens)")
-    a("--eval-batch-size", type=int, default=64, help="questions per generate call in evaluation")
-    a("--compare", help="print one table from the eval.json of comma-separated run folders, paper numbers beside")
-    a("--eval-every", type=int, default=0, help="during training, evaluate every N steps on --eval-data (0: never)")
-    a("--eval-data", default="gsm8k", help="held-out set for --eval-every")
-    a("--eval-every-limit", type=int, default=200, help="items of --eval-data used by --eval-every")
+    machinery_flags(a)  # Part II: device, checkpoints, evaluation, reports, exercises
     return p
 
 
-class UserError(Exception):
-    """Bad input: printed as one line, exit status 2."""
-
-
-def check_args(args):
-    """Catch bad settings before anything is loaded."""
-    if args.model is None and args.resume is None and not args.compare:
-        raise UserError("--model is required (a Hub name or a local folder)")
-    if args.group_size < 2:
-        raise UserError(f"--group-size {args.group_size}: GRPO needs at least 2 rollouts per question")
-    n = args.prompts_per_step * args.group_size
-    if args.minibatches < 1 or n % args.minibatches:
-        raise UserError(f"--minibatches {args.minibatches} must divide the {n} rollouts per step "
-                        f"(--prompts-per-step x --group-size)")
-    for name in ("steps", "prompts_per_step", "max_new_tokens", "teacher_max_new_tokens", "micro_batch",
-                 "eval_samples", "eval_batch_size", "save_every"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
-    if not 0 < args.top_p <= 1 or args.temperature <= 0:
-        raise UserError("--temperature must be > 0 and --top-p in (0, 1]")
-    if args.eval_samples > 1 and args.eval_temperature <= 0:
-        raise UserError("--eval-samples > 1 needs --eval-temperature > 0 (greedy samples would all be equal)")
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {args.device}: this machine has no CUDA GPU visible to torch; use --device cpu")
-    if args.dtype == "auto":
-        args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
-    args.fast = args.device.startswith("cuda") and not args.no_fast  # the compiled sampler pays off on GPUs only
-    return args
-
-
-# ================================================================================================ 2. prompts
+# ------------------------------------------------------------------------------------------------ prompts
 # The student sees only the question and one instruction, rendered with its own chat template (no system
-# message, no think tags). The teacher is the same kind of model made a teacher only by this prompt.
+# message, no think tags). The teacher is the same kind of model, made a teacher only by this prompt.
 
 STUDENT_INSTRUCTION = ("{question}\n\nWork through the problem step by step, then write your final answer "
                        "inside \\boxed{{}}.")
-
-GPQA_INSTRUCTION = "\n\nAnswer with the letter of the correct option, A, B, C or D, as your final answer."
 
 TEACHER_SYSTEM = """You coach students in mathematics by speaking as the student's own inner voice.
 You will see a problem and a student's written solution. Reply in exactly three tagged parts and nothing else:
@@ -198,110 +164,514 @@ def teacher_messages(question, response):
     return msgs + [{"role": "user", "content": teacher_query(question, response)}]
 
 
-def render_chat(tok, messages):
-    """Token ids of `messages` in the model's own chat template, ready for the assistant to answer."""
-    if getattr(tok, "chat_template", None) is None:  # base model: plain text turns, after the BOS its
-        text = "".join(f"{m['role'].capitalize()}: {m['content']}\n\n" for m in messages) + "Assistant:"
-        bos = tok("")["input_ids"][:1]  # tokenizer puts before any text (Llama, Gemma; none for Qwen, GPT-2)
-        return (bos if bos == [tok.bos_token_id] else []) + tok(text, add_special_tokens=False)["input_ids"]
-    try:
-        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    except Exception:  # templates without a system role (e.g. Gemma): fold it into the first user turn
-        if messages[0]["role"] != "system":
-            raise
-        first = {"role": "user", "content": messages[0]["content"] + "\n\n" + messages[1]["content"]}
-        text = tok.apply_chat_template([first] + messages[2:], tokenize=False, add_generation_prompt=True)
-    return tok(text, add_special_tokens=False)["input_ids"]  # the template already holds BOS where needed
-
-
 def student_prompt(tok, question):
     return render_chat(tok, [{"role": "user", "content": STUDENT_INSTRUCTION.format(question=question)}])
 
 
-# ================================================================================================ 3. data
-HUB_CONFIGS = {"openai/gsm8k": "main"}  # training sets on the Hub with several configs
+# ------------------------------------------------------------------------------------------------ rollouts
+@dataclass
+class Rollout:
+    """One sampled answer, from sampling to the loss. Token ids stay as sampled: never decoded and re-encoded."""
+    question: str
+    gold: str
+    prompt: list  # prompt token ids, in the student's chat template
+    response: list = None  # response token ids; a finished one ends with its stop token (kept in the loss)
+    finished: bool = False  # a stop token was sampled (decided from ids, never from text)
+    guided: bool = False  # the teacher's text was spliced on (step 5)
+    n_student: int = None  # response[:n_student] was written by the student (all of it when unguided)
+    teacher_text: str = None
+    reward: float = 0.0  # step 6
+    adv: float = 0.0  # step 7: A_i, shared by every token of the response
+    old_logp: torch.Tensor = None  # step 8: [T] log-probs before the update
+    ref_logp: torch.Tensor = None  # [T] under the initial model, with --kl-beta only
 
 
-def gold_from_answer(answer):
-    """GSM8K gold: the text after '####', thousands separators removed; other sets: the answer as given."""
-    answer = str(answer)
-    if "####" in answer:
-        return answer.split("####")[-1].strip().replace(",", "")
-    return answer.strip()
+@dataclass
+class Sampling:
+    """How a model samples: its stop ids and pad id, the length limit and the draw (temperature 0: greedy).
+    `fast` picks the compiled static-cache sampler of Part II, whose cache has `batch` rows of `prompt_len`
+    + `max_new` slots (fixed shapes: compiled once)."""
+    stops: list
+    pad_id: int
+    max_new: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    fast: bool = False
+    batch: int = None
+    prompt_len: int = None
 
 
-def _read_table(spec, split, config=None):
-    """Rows of a local .jsonl/.json/.parquet file or a Hub dataset, as a list of dicts."""
-    import datasets  # imported here: `--help` and the tests of the maths stay fast
-    datasets.disable_progress_bars()
-    if os.path.exists(spec):
-        kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(os.path.splitext(spec)[1])
-        if kind is None:
-            raise UserError(f"{spec}: expected a .jsonl, .json or .parquet file")
-        try:
-            return list(datasets.load_dataset(kind, data_files=spec, split="train"))
-        except Exception as e:
-            raise UserError(f"{spec}: could not be read as {kind} ({type(e).__name__}: {str(e).splitlines()[0]})")
-    if spec.endswith((".jsonl", ".json", ".parquet")) or spec.startswith((".", "/")):
-        raise UserError(f"{spec}: no such file")
+def generate(model, prompts, how, desc="sample"):
+    """Step 2: responses (cut after their stop token) and finished flags for a batch of prompt id lists.
+    Both samplers draw the same tokens for the same seed; the fast one is Part II's `generate_static`."""
+    rows = (generate_static if how.fast else generate_plain)(model, prompts, how, desc)
+    cut = [cut_at_stop(r, set(how.stops)) for r in rows]
+    return [c[0] for c in cut], [c[1] for c in cut]
+
+
+@torch.no_grad()
+def generate_plain(model, prompts, how, desc="sample"):
+    """The readable sampler: transformers' generate with its dynamic KV cache. The checkpoint's own
+    generation_config is set aside while it runs: its top_k, min_p or repetition penalty would make the rollouts
+    come from another distribution than the policy whose log-probs the loss uses."""
+    from transformers import GenerationConfig
+    ids, mask = left_pad(prompts, how.pad_id, model.device)
+    sample = how.temperature > 0
+    options = {"temperature": how.temperature, "top_p": how.top_p, "top_k": 0} if sample else {}  # 0: no cut
+    config = GenerationConfig(max_new_tokens=how.max_new, do_sample=sample, eos_token_id=how.stops,
+                              pad_token_id=how.pad_id, use_cache=True, **options)
+    saved, model.generation_config = model.generation_config, GenerationConfig()
+    bar = tqdm(total=how.max_new, desc=desc, leave=False)
+    progress = SimpleNamespace(put=lambda ids: bar.update(ids.dim() == 1), end=bar.close)  # [B] per new token
     try:
-        return list(datasets.load_dataset(spec, config, split=split))
-    except Exception as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"could not load the Hub dataset {spec!r} ({msg[:200]}); check the name and your network, "
-                        f"or pass a local .jsonl file")
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config, streamer=progress)
+    finally:
+        model.generation_config = saved
+        bar.close()
+    return out[:, ids.shape[1]:].tolist()
 
 
-def gpqa_item(row):
-    """A GPQA row as a lettered question. The four options are shuffled with a seed fixed per question (the
-    same order on every run and machine); the gold is the letter of the correct one."""
-    options = [row["Correct Answer"]] + [row[f"Incorrect Answer {k}"] for k in (1, 2, 3)]
-    order = list(range(4))
-    random.Random(zlib.crc32(row["Question"].encode())).shuffle(order)
-    letters = "ABCD"
-    text = row["Question"].strip() + "\n\n" + "\n".join(
-        f"({letters[j]}) {str(options[o]).strip()}" for j, o in enumerate(order))
-    return {"question": text + GPQA_INSTRUCTION, "gold": letters[order.index(0)]}
+def cut_at_stop(row, stops):
+    """The response up to and including its first stop token; finished = a stop token was sampled."""
+    for t, token in enumerate(row):
+        if token in stops:
+            return row[:t + 1], True
+    return row, False
 
 
-def to_problems(rows, name):
-    """[{'question', 'gold'}] from GSM8K-style (question + '#### N'), MATH-style (problem + answer) or GPQA rows."""
-    if not rows:
-        raise UserError(f"{name}: no rows")
-    keys = set(rows[0])
-    if {"Question", "Correct Answer"} <= keys:
-        return [gpqa_item(r) for r in rows]
-    qkey = next((k for k in ("question", "problem") if k in keys), None)
-    if qkey is None or "answer" not in keys:
-        raise UserError(f"{name}: rows need 'question' or 'problem' plus 'answer' fields (or GPQA's 'Question', "
-                        f"'Correct Answer', 'Incorrect Answer 1-3'); found {sorted(keys)}")
-    return [{"question": r[qkey], "gold": gold_from_answer(r["answer"])} for r in rows]
+# ------------------------------------------------------------------------------------------------ teacher
+def guidance_pct(step, total_steps):
+    """Schedule: pct decays linearly from 0.1 toward 0.01 over Q = max(1, total_steps // 3) steps (step is
+    1-based), and the teacher is off for good from the first step whose pct <= 0.06 (pct never rises, so this
+    step's value says it). With the authors' total_steps = 50: Q = 16, steps 1-8 are guided."""
+    q = max(1, total_steps // 3)
+    pct = 0.1 - 0.09 * min(step - 1, q) / q
+    return 0.0 if pct <= 0.06 else pct
 
 
-def load_problems(spec, split="train"):
-    """Problems from a local file or a Hub dataset (GSM8K main train by default)."""
-    return to_problems(_read_table(spec, split, HUB_CONFIGS.get(spec)), spec)
+def select_for_guidance(finished, group_size, pct, rng):
+    """Step 3: per group, k = max(1, floor(|E| * pct)) rollouts drawn uniformly from the finished ones E.
+    Correctness plays no part: the teacher may confirm a right answer as well as correct a wrong one.
+    Example: G = 5, pct = 0.1, finished = [1,0,1,1,0, 0,0,0,0,0] -> one of [0, 2, 3]; group 2 has none."""
+    if pct <= 0:
+        return []
+    chosen = []
+    for g in range(0, len(finished), group_size):
+        done = [i for i in range(g, g + group_size) if finished[i]]
+        if done:
+            chosen += sorted(rng.sample(done, max(1, math.floor(len(done) * pct))))
+    return chosen
 
 
-def epoch_order(n, seed, epoch):
-    """A seeded shuffle of range(n), different for every epoch, so `cursor` alone says where training is."""
-    g = random.Random(seed * 100_003 + epoch)
-    order = list(range(n))
-    g.shuffle(order)
-    return order
+def parse_teacher(text):
+    """Step 4: (opinion, reason, phrase) when the reply is exactly the three tagged parts in this order, each
+    non-empty, with nothing around them; else None. Plain string search: no regex to backtrack on."""
+    parts, rest = [], text.strip()
+    for tag in ("opinion", "reason", "phrase"):
+        open_, close = f"<{tag}>", f"</{tag}>"
+        if not rest.startswith(open_) or close not in rest:
+            return None
+        body, rest = rest[len(open_):].split(close, 1)
+        if not body.strip() or "<" + tag in body:
+            return None
+        parts.append(body.strip())
+        rest = rest.lstrip()
+    if rest or parts[0].lower() not in ("correct", "incorrect"):
+        return None
+    return parts[0].lower(), parts[1], parts[2]
 
 
-def next_questions(problems, seed, cursor, k):
-    """The k problems after position `cursor` in the endless, epoch-wise shuffled stream."""
-    n, orders = len(problems), {}
-    for e in range(cursor // n, (cursor + k - 1) // n + 1):
-        orders[e] = epoch_order(n, seed, e)
-    return [problems[orders[(cursor + j) // n][(cursor + j) % n]] for j in range(k)]
+def splice(response, reason, phrase, tok, eos_id):
+    """Step 5: the student's response without its final EOS, then the teacher's reflection and continuation as
+    if the student had thought them, then EOS. The opinion is dropped. Returns (ids, student tokens kept).
+    Example: [s1, s2, EOS] with reason "Wait, 2 + 2 is 4." -> [s1, s2] + ids("\\n\\nWait, 2 + 2 is 4.\\n\\n" +
+    phrase) + [EOS], 2."""
+    kept = response[:-1]  # the response is finished, so its last token is the stop token
+    teacher_ids = tok("\n\n" + reason + "\n\n" + phrase, add_special_tokens=False)["input_ids"]
+    return kept + teacher_ids + [eos_id], len(kept)
 
 
-# ================================================================================================ 4. grader
-# grade(response, gold): does the response's final answer equal the gold one? Standard library only. It
-# decides every reward, and an RL policy will find its weak spots, so when unsure it says "wrong".
+def guided_mask(rollout, teacher_tokens_only=False):
+    """g: [T] 1 on the tokens trained with AAS: the whole guided response (the authors' choice) or, with
+    --guide-teacher-tokens-only, the teacher-written tokens and the final EOS."""
+    g = torch.zeros(len(rollout.response))
+    if rollout.guided:
+        g[rollout.n_student if teacher_tokens_only else 0:] = 1
+    return g
+
+
+def guide(rollouts, chosen, run):
+    """Steps 4-5 on the chosen rollouts: the teacher reads each one (never the gold answer) and writes greedily;
+    a reply that parses is spliced on. Returns one record per reply asked for (text, passed, why not)."""
+    tok, teacher_tok, args = run.tok, run.teacher_tok, run.args
+    queries = []
+    for i in chosen:
+        text = tok.decode(rollouts[i].response, skip_special_tokens=True)
+        ids = render_chat(teacher_tok, teacher_messages(rollouts[i].question, text))
+        if len(ids) <= args.teacher_max_prompt_len:  # a longer query stays unguided
+            queries.append((i, ids))
+    if not queries:
+        return []
+    replies, finished = generate(run.teacher, [q for _, q in queries], run.teacher_how, desc="teacher")
+    records = []
+    for (i, _), reply, done in zip(queries, replies, finished):
+        r, text = rollouts[i], teacher_tok.decode(reply, skip_special_tokens=True)
+        parsed, why = (parse_teacher(text) if done else None), ""
+        if parsed:
+            ids, n_student = splice(r.response, parsed[1], parsed[2], tok, tok.eos_token_id)
+        if not done:
+            why = "no EOS within --teacher-max-new-tokens"
+        elif parsed is None:
+            why = "not the three tags in order"
+        elif len(ids) - n_student > args.teacher_text_max:
+            why = "longer than --teacher-text-max"
+        else:
+            r.response, r.guided, r.n_student = ids, True, n_student
+            r.teacher_text = tok.decode(ids[n_student:], skip_special_tokens=True)
+        records.append({"kind": "teacher_reply", "rollout": i, "text": text, "passed": not why, "why": why})
+    return records
+
+
+# ------------------------------------------------------------------------------------------------ reward
+def reward(response_text, finished, gold):
+    """Step 6: r = 1 when the response ended with EOS (decided from token ids) and its final answer equals the
+    gold one, else 0. A guided response is passed in as the teacher's text: it is graded on the teacher's answer."""
+    return float(finished and grade(response_text, gold))
+
+
+def grade(response, gold):
+    """True when the response commits to a final answer equal to `gold` (the grader's internals: Part II)."""
+    answer = extract_answer(response)
+    return answer is not None and len(answer) <= MAX_ANSWER_CHARS and answers_match(answer, gold)
+
+
+# ------------------------------------------------------------------------------------------------ advantages
+def group_advantages(rewards, group_size):
+    """Step 7: A_i = (r_i - mean_j r_j) / (std_j r_j + 1e-6) within each group of G contiguous rollouts, std with
+    Bessel's correction. rewards: [N] -> [N]. Example, G = 4: [1, 0, 0, 0] -> [1.5, -0.5, -0.5, -0.5] (std 0.5);
+    a group whose rewards are all equal gets A = 0 everywhere and teaches nothing."""
+    r = rewards.view(-1, group_size)  # [N/G, G]
+    return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-6)).flatten()  # [N]
+
+
+# ------------------------------------------------------------------------------------------------ log-probs
+def response_logprobs(model, prompts, responses, temperature, chunk=1024):
+    """log pi(y_t | x, y_<t) at `temperature` for every response token: [n, T], 0 past each response.
+    The LM head runs only on response positions, in chunks recomputed in the backward pass, so the [n, L, V]
+    float32 logits never exist at once."""
+    ids = right_pad([p + r for p, r in zip(prompts, responses)], model.device)  # [n, L]
+    # No attention mask: the padding sits after every real token, where causal attention already keeps it out
+    # (so the pad id does not matter). With a mask, transformers would copy K and V to every query head.
+    hidden = model.base_model(input_ids=ids).last_hidden_state  # [n, L, H]
+    plen = torch.tensor([len(p) for p in prompts], device=model.device)  # [n]
+    rlen = torch.tensor([len(r) for r in responses], device=model.device)  # [n]
+    t = torch.arange(int(rlen.max()), device=model.device)  # [T]
+    mask = t[None] < rlen[:, None]  # [n, T] from lengths, never from comparing ids with a pad id
+    src = (plen[:, None] + t[None] - 1).clamp(max=ids.shape[1] - 2)  # [n, T] position whose output predicts y_t
+    rows = torch.arange(len(prompts), device=model.device)[:, None]
+    h, target = hidden[rows, src][mask], ids[rows, src + 1][mask]  # [m, H], [m]
+    parts = []
+    for i in range(0, len(target), chunk):
+        args = (model, h[i:i + chunk], target[i:i + chunk], temperature)
+        parts.append(torch.utils.checkpoint.checkpoint(token_logp, *args, use_reentrant=False)
+                     if torch.is_grad_enabled() else token_logp(*args))
+    out = torch.zeros(mask.shape, device=model.device)  # [n, T]
+    out[mask] = torch.cat(parts)
+    return out
+
+
+def token_logp(model, h, target, temperature):
+    """[m] log-softmax of the LM head's logits at `target`, from hidden states h: [m, H]."""
+    cfg = model.config
+    logits = model.get_output_embeddings()(h).float() * (getattr(cfg, "logit_scale", None) or 1.0)  # [m, V]
+    softcap = getattr(cfg, "final_logit_softcapping", None)  # Gemma-2 caps its logits
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    logits = logits / temperature
+    return logits.gather(-1, target[:, None]).squeeze(-1) - logits.logsumexp(-1)  # [m]
+
+
+# ------------------------------------------------------------------------------------------------ loss
+def aas_gamma(adv):
+    """gamma(A) = clip(A / 4000, -0.001, 0.001). (The authors passed the clamp bounds in the wrong order, which
+    made gamma = -0.001 for every token; we follow the evident intent, this linear formula.)"""
+    return (adv / 4000).clamp(-1e-3, 1e-3)
+
+
+def aas_d(p_sg, A):
+    """d = sg(p) + gamma(A), kept inside (0, 1]: d < 0 -> sg(p) / 1.0001, d > 1 -> sg(p) / 0.9999. [N, T] -> [N, T]"""
+    d = p_sg + aas_gamma(A)
+    d = torch.where(d < 0, p_sg / 1.0001, torch.where(d > 1, p_sg / 0.9999, d))
+    # A teacher-written token can have p below float32's range (log p < -103): then p = 0 and d = 0. The floor
+    # changes no value that is used (wherever AAS applies, d >= 0.009 or A = 0) and keeps 0/0 out of the gradient.
+    return d.clamp(min=1e-30)
+
+
+def policy_loss(logp, old_logp, adv, mask, guided, clip_eps=0.2, dual_clip=3.0):
+    """Token-mean ThinkTuning loss and its statistics.
+    logp, old_logp: [N, T] log-probs of the response tokens (logp with gradient); adv: [N];
+    mask: [N, T] 1 on response tokens (EOS included); guided: [N, T] g, 1 on tokens trained with AAS."""
+    mask, guided = mask.bool(), guided.bool()
+    A = adv[:, None].expand_as(logp)  # [N, T] advantage broadcast to every token
+    ratio = torch.exp(logp - old_logp)  # [N, T] rho
+    # unguided tokens: PPO with dual clip
+    l_clip = torch.maximum(-A * ratio, -A * ratio.clamp(1 - clip_eps, 1 + clip_eps))  # [N, T]
+    l_ppo = torch.where(A < 0, torch.minimum(l_clip, -A * dual_clip), l_clip)  # [N, T]
+    # guided tokens: Advantage-Aware Shaping, l = -A p / d with d = sg(p) + gamma(A), kept inside (0, 1]
+    p = logp.exp()  # [N, T] with gradient
+    p_sg = p.detach()  # [N, T]
+    d = aas_d(p_sg, A)  # [N, T]
+    l_aas = -A * p / d  # [N, T]; gradient -A * p/d * grad log p, unclipped
+    # routing: a guided token with A < 0 and sg(p) < 0.01 falls back to PPO
+    use_aas = guided & ~((A < 0) & (p_sg < 0.01))  # [N, T] M
+    l = torch.where(use_aas, l_aas, l_ppo)  # [N, T]
+    loss = torch.where(mask, l, 0.0).sum() / mask.sum().clamp(min=1)  # scalar: token mean, no KL, no entropy
+    with torch.no_grad():
+        ppo_tok, aas_tok = mask & ~use_aas, mask & use_aas  # [N, T]
+        n_ppo = max(1, ppo_tok.sum().item())
+        clipped = (ratio - ratio.clamp(1 - clip_eps, 1 + clip_eps)).abs() > 0  # [N, T]
+        stats = {"clip_frac": (clipped & ppo_tok).sum().item() / n_ppo,
+                 "dual_clip_frac": ((A < 0) & (l_clip > -A * dual_clip) & ppo_tok).sum().item() / n_ppo,
+                 "aas_tokens": aas_tok.sum().item(),
+                 "aas_weight": (p_sg / d)[aas_tok].mean().item() if aas_tok.any() else float("nan")}
+    return loss, stats
+
+
+def kl_k3(logp, ref_logp):
+    """k3 estimator of KL(pi_theta || pi_ref) per token: exp(ref - logp) - (ref - logp) - 1. [N, T] -> [N, T]"""
+    delta = ref_logp - logp
+    return delta.exp() - delta - 1
+
+
+# ------------------------------------------------------------------------------------------------ the update
+def moves_weights(rollout, args):
+    """Whether a rollout can change the weights: with A = 0 and no KL term its loss and gradient are exactly 0,
+    so it needs neither old log-probs nor a forward/backward (its tokens still count in the token mean)."""
+    return rollout.adv != 0 or args.kl_beta > 0
+
+
+@torch.no_grad()
+def score_old(model, ref, rollouts, args):
+    """Step 8: old log-probs. The current student scores every final sequence (spliced ones too) once, before
+    any update, at the sampling temperature; the KL reference (with --kl-beta) scores them too."""
+    todo = by_length([r for r in rollouts if moves_weights(r, args)])
+    for k in range(0, len(todo), args.micro_batch):
+        sub = todo[k:k + args.micro_batch]
+        P, R = [r.prompt for r in sub], [r.response for r in sub]
+        old = response_logprobs(model, P, R, args.temperature)  # [n, T]
+        ref_lp = response_logprobs(ref, P, R, args.temperature).to(old.device) if ref is not None else None
+        for j, r in enumerate(sub):
+            r.old_logp = old[j, :len(r.response)]
+            r.ref_logp = ref_lp[j, :len(r.response)] if ref_lp is not None else None
+
+
+def micro_batch_loss(model, rows, args):
+    """The loss (with the KL term when --kl-beta > 0), its statistics and its token count for a few rollouts."""
+    logp = response_logprobs(model, [r.prompt for r in rows], [r.response for r in rows], args.temperature)
+    T, dev = logp.shape[1], logp.device  # logp: [n, T]
+    old = pad_rows([r.old_logp for r in rows], T)  # [n, T]
+    mask = pad_rows([torch.ones(len(r.response), device=dev) for r in rows], T)  # [n, T]
+    guided = pad_rows([guided_mask(r, args.guide_teacher_tokens_only).to(dev) for r in rows], T)  # [n, T]
+    adv = torch.tensor([r.adv for r in rows], device=dev)  # [n]
+    loss, stats = policy_loss(logp, old, adv, mask, guided, args.clip_eps, args.dual_clip)
+    if args.kl_beta > 0:
+        kl = (kl_k3(logp, pad_rows([r.ref_logp for r in rows], T)) * mask).sum() / mask.sum()  # token mean
+        loss, stats["kl"] = loss + args.kl_beta * kl, kl.item()
+    return loss, stats, mask.sum().item()
+
+
+def token_share(micro_tokens, minibatch_tokens):
+    """The factor that makes micro-batch token means add up to the mini-batch's: sum(m l) / sum(m) over the
+    micro-batch, times its share of the mini-batch's tokens, summed over micro-batches, is sum(m l) / sum(m)
+    over the mini-batch."""
+    return micro_tokens / minibatch_tokens
+
+
+def update(model, rollouts, optim, args, rng):
+    """Step 9: one pass over the step's rollouts in --minibatches AdamW steps; each mini-batch's loss is one
+    token mean over all of its rollouts, accumulated over micro-batches of --micro-batch rows."""
+    order = list(range(len(rollouts)))
+    rng.shuffle(order)
+    size = len(rollouts) // args.minibatches
+    stats, norms, losses, skipped, aas_idle = [], [], [], 0, 0
+    model.train()  # for gradient checkpointing; dropout is off (load_model)
+    for mb in tqdm(range(args.minibatches), desc="update", leave=False):
+        rows = [rollouts[i] for i in order[mb * size:(mb + 1) * size]]
+        n_tokens = sum(len(r.response) for r in rows)  # every row counts, also those that cannot move weights
+        idle = [r for r in rows if not moves_weights(r, args)]  # A = 0: all their guided tokens are AAS tokens
+        aas_idle += sum(int(guided_mask(r, args.guide_teacher_tokens_only).sum()) for r in idle)
+        rows, finite, loss_sum = by_length([r for r in rows if moves_weights(r, args)]), True, 0.0
+        for k in range(0, len(rows), args.micro_batch):
+            loss, st, n = micro_batch_loss(model, rows[k:k + args.micro_batch], args)
+            if not torch.isfinite(loss):
+                finite = False
+                break
+            (loss * token_share(n, n_tokens)).backward()
+            stats.append(st)
+            loss_sum += loss.item() * token_share(n, n_tokens)
+        if not finite:  # skip this update, keep training
+            optim.zero_grad()
+            skipped += 1
+            continue
+        norm, ok = optim.step(args.grad_clip)  # also when no row could move the weights: weight decay applies
+        norms.append(norm)
+        losses.append(loss_sum)
+        skipped += not ok
+    model.eval()
+    mean = lambda key: nanmean([s[key] for s in stats if key in s])  # noqa: E731
+    return {"loss": sum(losses) / args.minibatches, "grad_norm": nanmean(norms), "skipped_updates": skipped,
+            "clip_frac": mean("clip_frac"), "dual_clip_frac": mean("dual_clip_frac"),
+            "aas_weight": mean("aas_weight"), "aas_tokens": aas_idle + sum(s["aas_tokens"] for s in stats),
+            **({"kl": mean("kl")} if args.kl_beta > 0 else {})}
+
+
+# ------------------------------------------------------------------------------------------------ the run
+@dataclass
+class Run:
+    """Everything a training step needs, made once by start_run (Part II)."""
+    args: argparse.Namespace
+    tok: object  # the student's tokenizer
+    student: torch.nn.Module
+    teacher: torch.nn.Module  # None when no step ahead is guided
+    teacher_tok: object
+    ref: torch.nn.Module  # the KL reference (the frozen initial model), --kl-beta only
+    optim: "MasterAdamW"
+    problems: list  # {'question', 'gold', 'prompt'}
+    student_how: Sampling
+    teacher_how: Sampling
+    rng: random.Random  # rollout selection and mini-batch order
+    state: dict  # step, cursor (position in the data stream), py_rng: what a resume restores
+    eval_items: list = None  # held-out problems for --eval-every
+
+
+# ------------------------------------------------------------------------------------------------ one step
+def train_step(run, step):
+    """One step of ThinkTuning, numbered as the README's step table. Returns the rollouts and the step's record
+    of what happened (guidance, teacher replies, update statistics, seconds per phase)."""
+    args, tok = run.args, run.tok
+    t = [sync(args.device)]  # timestamps of the phases
+    # 1. B questions, G rollouts each (groups of G contiguous rollouts)
+    batch = next_questions(run.problems, args.seed, run.state["cursor"], args.prompts_per_step)
+    run.state["cursor"] += args.prompts_per_step
+    rollouts = [Rollout(q["question"], q["gold"], q["prompt"]) for q in batch for _ in range(args.group_size)]
+    # 2. the student samples every rollout in one batched call
+    responses, finished = generate(run.student, [r.prompt for r in rollouts], run.student_how, desc="student")
+    for r, ids, done in zip(rollouts, responses, finished):
+        r.response, r.finished, r.n_student = ids, done, len(ids)
+    t.append(sync(args.device))
+    # 3. while the schedule says so, k finished rollouts per group go to the teacher; 4-5. it writes, we splice
+    pct = guidance_pct(step, args.schedule_steps) if run.teacher is not None else 0.0
+    chosen = select_for_guidance([r.finished for r in rollouts], args.group_size, pct, run.rng)
+    replies = guide(rollouts, chosen, run) if chosen else []
+    t.append(sync(args.device))
+    # 6. rewards: a guided rollout is graded on the teacher's answer
+    texts = [tok.decode(r.response, skip_special_tokens=True) for r in rollouts]
+    for r, text in zip(rollouts, texts):
+        r.reward = reward(r.teacher_text if r.guided else text, r.finished, r.gold)
+    # 7. group advantages, over guided and unguided rollouts together
+    rewards = torch.tensor([r.reward for r in rollouts])  # [N]
+    for r, a in zip(rollouts, group_advantages(rewards, args.group_size).tolist()):
+        r.adv = a
+    # 8. old log-probs, before any update
+    score_old(run.student, run.ref, rollouts, args)
+    t.append(sync(args.device))
+    # 9. the update: --minibatches AdamW steps
+    upd = update(run.student, rollouts, run.optim, args, run.rng)
+    t.append(sync(args.device))
+    return rollouts, {"pct": pct, "chosen": chosen, "replies": replies, "texts": texts, "update": upd,
+                      "seconds": [b - a for a, b in zip(t, t[1:])]}
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+def train(args):
+    """Set up (Part II: data, models, optimizer, resume, the start-up plan), then one step after another.
+    Returns False when stopped by Ctrl-C (after saving)."""
+    run = start_run(args)
+    if run is None:  # nothing left to do
+        return True
+    with ctrl_c_saves() as stop_requested:
+        bar = tqdm(range(run.state["step"] + 1, args.steps + 1), desc="train", initial=run.state["step"],
+                   total=args.steps)
+        for step in bar:
+            rollouts, record = train_step(run, step)
+            run.state["step"], run.state["py_rng"] = step, run.rng.getstate()
+            row = log_step(run, step, rollouts, record)  # metrics.jsonl, samples.jsonl
+            bar.set_postfix(reward=f"{row['reward']:.3f}", guided=row["n_guided"], loss=f"{row['loss']:.4f}")
+            if run.teacher is not None and guidance_pct(step + 1, args.schedule_steps) == 0:
+                release_teacher(run, step)  # plain GRPO from here on
+            if step % args.save_every == 0 or step == args.steps or stop_requested:
+                save_checkpoint(args.out, run.student, run.tok, trainer_state(run))
+            if stop_requested:
+                print(f"stopped after step {step}, checkpoint saved; continue with: "
+                      f"python thinktuning.py --resume {args.out}")
+                return False
+    return True
+
+
+# ################################################################################################################
+# PART II. MACHINERY: safe to skip on a first reading
+# ################################################################################################################
+
+# ------------------------------------------------------------------------------------------------ flags and checks
+def machinery_flags(a):
+    """The flags that change how the method runs, not what it computes."""
+    a("--out", default="runs/thinktuning", help="run folder: metrics, samples, checkpoints, evaluation")
+    a("--resume", metavar="OUT", help="continue the run saved in OUT (its settings; flags given here override)")
+    a("--micro-batch", type=int, default=8, help="rows per forward/backward (memory only; lower it if memory runs out)")
+    a("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    a("--dtype", default="auto", choices=["auto", "bfloat16", "float32"], help="auto: bfloat16 on GPU, float32 on CPU")
+    a("--no-fast", action="store_true", help="on GPU, sample with plain model.generate instead of the compiled sampler")
+    a("--no-grad-ckpt", action="store_true", help="turn off gradient checkpointing (on by default on GPU)")
+    a("--save-every", type=int, default=20, help="checkpoint every N steps (and always at the end)")
+    a("--log-samples", type=int, default=4, help="full rollouts per step written to samples.jsonl")
+    a("--eval", help="evaluate only: comma-separated gsm8k,math500,aime24,aime25,gpqa or local files")
+    a("--eval-limit", type=int, help="first N items of each benchmark")
+    a("--eval-samples", type=int, default=1, help="samples per question (1 = greedy pass@1, the paper's protocol)")
+    a("--eval-temperature", type=float, default=0.0, help="sampling temperature when --eval-samples > 1")
+    a("--eval-max-new-tokens", type=int, help="response tokens in evaluation (default: --max-new-tokens)")
+    a("--eval-batch-size", type=int, default=64, help="questions per generate call in evaluation")
+    a("--compare", help="print one table from the eval.json of comma-separated run folders, paper numbers beside")
+    a("--eval-every", type=int, default=0, help="during training, evaluate every N steps on --eval-data (0: never)")
+    a("--eval-data", default="gsm8k", help="held-out set for --eval-every")
+    a("--eval-every-limit", type=int, default=200, help="items of --eval-data used by --eval-every")
+
+
+class UserError(Exception):
+    """Bad input: printed as one line, exit status 2."""
+
+
+def check_args(args):
+    """Catch bad settings before anything is loaded."""
+    if args.model is None and args.resume is None and not args.compare:
+        raise UserError("--model is required (a Hub name or a local folder)")
+    if args.group_size < 2:
+        raise UserError(f"--group-size {args.group_size}: GRPO needs at least 2 rollouts per question")
+    n = args.prompts_per_step * args.group_size
+    if args.minibatches < 1 or n % args.minibatches:
+        raise UserError(f"--minibatches {args.minibatches} must divide the {n} rollouts per step "
+                        f"(--prompts-per-step x --group-size)")
+    for name in ("steps", "prompts_per_step", "max_new_tokens", "teacher_max_new_tokens", "micro_batch",
+                 "eval_samples", "eval_batch_size", "save_every"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    if not 0 < args.top_p <= 1 or args.temperature <= 0:
+        raise UserError("--temperature must be > 0 and --top-p in (0, 1]")
+    if args.eval_samples > 1 and args.eval_temperature <= 0:
+        raise UserError("--eval-samples > 1 needs --eval-temperature > 0 (greedy samples would all be equal)")
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {args.device}: this machine has no CUDA GPU visible to torch; use --device cpu")
+    if args.dtype == "auto":
+        args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
+    args.fast = args.device.startswith("cuda") and not args.no_fast  # the compiled sampler pays off on GPUs only
+    return args
+
+
+# ------------------------------------------------------------------------------------------------ grader internals
+# grade (Part I) asks two questions: which final answer does the response commit to (extract_answer), and does
+# it equal the gold one (answers_match)? Standard library only. It decides every reward, and an RL policy will
+# find its weak spots, so when unsure it says "wrong".
 
 MAX_ANSWER_CHARS = 400  # a longer "final answer" is not an answer
 _BARE_BOX = re.compile(r"[ \t]+([^\s$]+)")
@@ -542,31 +912,142 @@ def answers_match(pred, gold):
     return False
 
 
-def grade(response, gold):
-    """True when the response commits to a final answer equal to `gold`."""
-    answer = extract_answer(response)
-    return answer is not None and len(answer) <= MAX_ANSWER_CHARS and answers_match(answer, gold)
+# ------------------------------------------------------------------------------------------------ data
+HUB_CONFIGS = {"openai/gsm8k": "main"}  # training sets on the Hub with several configs
+GPQA_INSTRUCTION = "\n\nAnswer with the letter of the correct option, A, B, C or D, as your final answer."
 
 
-# ================================================================================================ 5. sampling
-# Rollouts are lists of token ids exactly as sampled (never decoded and re-encoded). A response ends at its
-# first stop token, which it keeps: EOS is part of the response, of its mask and of the loss.
+def gold_from_answer(answer):
+    """GSM8K gold: the text after '####', thousands separators removed; other sets: the answer as given."""
+    answer = str(answer)
+    if "####" in answer:
+        return answer.split("####")[-1].strip().replace(",", "")
+    return answer.strip()
+
+
+def _read_table(spec, split, config=None):
+    """Rows of a local .jsonl/.json/.parquet file or a Hub dataset, as a list of dicts."""
+    import datasets  # imported here: `--help` and the tests of the maths stay fast
+    datasets.disable_progress_bars()
+    if os.path.exists(spec):
+        kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(os.path.splitext(spec)[1])
+        if kind is None:
+            raise UserError(f"{spec}: expected a .jsonl, .json or .parquet file")
+        try:
+            return list(datasets.load_dataset(kind, data_files=spec, split="train"))
+        except Exception as e:
+            raise UserError(f"{spec}: could not be read as {kind} ({type(e).__name__}: {str(e).splitlines()[0]})")
+    if spec.endswith((".jsonl", ".json", ".parquet")) or spec.startswith((".", "/")):
+        raise UserError(f"{spec}: no such file")
+    try:
+        return list(datasets.load_dataset(spec, config, split=split))
+    except Exception as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"could not load the Hub dataset {spec!r} ({msg[:200]}); check the name and your network, "
+                        f"or pass a local .jsonl file")
+
+
+def gpqa_item(row):
+    """A GPQA row as a lettered question. The four options are shuffled with a seed fixed per question (the
+    same order on every run and machine); the gold is the letter of the correct one."""
+    options = [row["Correct Answer"]] + [row[f"Incorrect Answer {k}"] for k in (1, 2, 3)]
+    order = list(range(4))
+    random.Random(zlib.crc32(row["Question"].encode())).shuffle(order)
+    letters = "ABCD"
+    text = row["Question"].strip() + "\n\n" + "\n".join(
+        f"({letters[j]}) {str(options[o]).strip()}" for j, o in enumerate(order))
+    return {"question": text + GPQA_INSTRUCTION, "gold": letters[order.index(0)]}
+
+
+def to_problems(rows, name):
+    """[{'question', 'gold'}] from GSM8K-style (question + '#### N'), MATH-style (problem + answer) or GPQA rows."""
+    if not rows:
+        raise UserError(f"{name}: no rows")
+    keys = set(rows[0])
+    if {"Question", "Correct Answer"} <= keys:
+        return [gpqa_item(r) for r in rows]
+    qkey = next((k for k in ("question", "problem") if k in keys), None)
+    if qkey is None or "answer" not in keys:
+        raise UserError(f"{name}: rows need 'question' or 'problem' plus 'answer' fields (or GPQA's 'Question', "
+                        f"'Correct Answer', 'Incorrect Answer 1-3'); found {sorted(keys)}")
+    return [{"question": r[qkey], "gold": gold_from_answer(r["answer"])} for r in rows]
+
+
+def load_problems(spec, split="train"):
+    """Problems from a local file or a Hub dataset (GSM8K main train by default)."""
+    return to_problems(_read_table(spec, split, HUB_CONFIGS.get(spec)), spec)
+
+
+def epoch_order(n, seed, epoch):
+    """A seeded shuffle of range(n), different for every epoch, so `cursor` alone says where training is."""
+    g = random.Random(seed * 100_003 + epoch)
+    order = list(range(n))
+    g.shuffle(order)
+    return order
+
+
+def next_questions(problems, seed, cursor, k):
+    """The k problems after position `cursor` in the endless, epoch-wise shuffled stream."""
+    n, orders = len(problems), {}
+    for e in range(cursor // n, (cursor + k - 1) // n + 1):
+        orders[e] = epoch_order(n, seed, e)
+    return [problems[orders[(cursor + j) // n][(cursor + j) % n]] for j in range(k)]
+
+
+
+# ------------------------------------------------------------------------------------------------ models and tokenizers
+def render_chat(tok, messages):
+    """Token ids of `messages` in the model's own chat template, ready for the assistant to answer."""
+    if getattr(tok, "chat_template", None) is None:  # base model: plain text turns, after the BOS its
+        text = "".join(f"{m['role'].capitalize()}: {m['content']}\n\n" for m in messages) + "Assistant:"
+        bos = tok("")["input_ids"][:1]  # tokenizer puts before any text (Llama, Gemma; none for Qwen, GPT-2)
+        return (bos if bos == [tok.bos_token_id] else []) + tok(text, add_special_tokens=False)["input_ids"]
+    try:
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception:  # templates without a system role (e.g. Gemma): fold it into the first user turn
+        if messages[0]["role"] != "system":
+            raise
+        first = {"role": "user", "content": messages[0]["content"] + "\n\n" + messages[1]["content"]}
+        text = tok.apply_chat_template([first] + messages[2:], tokenize=False, add_generation_prompt=True)
+    return tok(text, add_special_tokens=False)["input_ids"]  # the template already holds BOS where needed
+
+
+def load_tokenizer(name):
+    from transformers import AutoTokenizer
+    try:
+        tok = AutoTokenizer.from_pretrained(name)
+    except Exception as e:
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise UserError(f"could not load model {name!r}: not a local model folder and not reachable on the Hub "
+                        f"({msg}); check the name, the path or your network")
+    if tok.eos_token_id is None:
+        raise UserError(f"{name}: the tokenizer has no EOS token, so finished responses cannot be recognised")
+    if getattr(tok, "chat_template", None) is None:
+        print(f"note: {name} has no chat template; prompts are plain 'User: ... Assistant:' turns")
+    return tok
+
+
+def load_model(name, args, trainable):
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=getattr(torch, args.dtype)).to(args.device)
+    if not trainable:
+        return model.eval().requires_grad_(False)
+    # No dropout: the update runs in train mode (for gradient checkpointing), and the ratio p / p_old must be
+    # exactly 1 before the first optimizer step. The saved config keeps its dropout values.
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+    if args.device.startswith("cuda") and not args.no_grad_ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False  # training forwards; the samplers ask for a cache explicitly
+    return model
 
 
 def pad_token_id(tok):
     """The tokenizer's pad id, or EOS where it has none. Masks never compare ids with it."""
     return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-
-
-def round_up(n, multiple=64):
-    return -(-n // multiple) * multiple
-
-
-def kv_cache_bytes(cfg, rows, length, itemsize):
-    """Bytes of a KV cache of rows x length slots: K and V for every layer, KV head and head dimension."""
-    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    return 2 * cfg.num_hidden_layers * heads * head_dim * itemsize * rows * length
 
 
 def stop_ids(tok, model):
@@ -578,6 +1059,16 @@ def stop_ids(tok, model):
     return sorted(ids)
 
 
+# ------------------------------------------------------------------------------------------------ the fast sampler
+# A preallocated static KV cache per (model, shape) and a compiled one-token decode step replayed as a CUDA
+# graph. Shapes are fixed per role (batch and cache length come from the flags and the data), so each role
+# compiles once per run. Rows that finish keep decoding (it costs nothing: decode is bound by reading the
+# weights) and the loop stops once every row has finished, checked every 16 steps to avoid syncs. On the GPU
+# the cache's memory is handed back after every call, so that the update can use it: the next call allocates
+# it again and the CUDA graph is re-recorded if its address moved (no recompilation).
+_STATIC = {}
+
+
 def left_pad(seqs, pad_id, device, width=None):
     """[B, P] ids and mask, prompts aligned to the right so that generation continues every row at column P."""
     width = max(width or 0, max(len(s) for s in seqs))
@@ -587,14 +1078,6 @@ def left_pad(seqs, pad_id, device, width=None):
         ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
         mask[i, width - len(s):] = 1
     return ids.to(device), mask.to(device)
-
-
-def cut_at_stop(row, stops):
-    """The response up to and including its first stop token; finished = a stop token was sampled."""
-    for t, token in enumerate(row):
-        if token in stops:
-            return row[:t + 1], True
-    return row, False
 
 
 def filter_top_p(logits, top_p):
@@ -613,38 +1096,6 @@ def pick_tokens(logits, temperature, top_p):
     if top_p < 1:
         logits = filter_top_p(logits, top_p)
     return torch.multinomial(logits.softmax(-1), 1).squeeze(1)
-
-
-@torch.no_grad()
-def generate_plain(model, prompts, max_new, stops, pad_id, temperature, top_p, desc="sample"):
-    """The reference sampler: transformers' generate with its dynamic KV cache. The checkpoint's own
-    generation_config is set aside while it runs: generate fills every option we leave unset from it, and its
-    top_k, min_p or repetition penalty would make the rollouts come from another distribution than the policy
-    whose log-probs the loss uses."""
-    from transformers import GenerationConfig
-    ids, mask = left_pad(prompts, pad_id, model.device)
-    sample = temperature > 0
-    options = {"temperature": temperature, "top_p": top_p, "top_k": 0} if sample else {}  # top_k 0: no cut
-    config = GenerationConfig(max_new_tokens=max_new, do_sample=sample, eos_token_id=stops, pad_token_id=pad_id,
-                              use_cache=True, **options)
-    saved, model.generation_config = model.generation_config, GenerationConfig()
-    bar = tqdm(total=max_new, desc=desc, leave=False)
-    progress = SimpleNamespace(put=lambda ids: bar.update(ids.dim() == 1), end=bar.close)  # [B] per new token
-    try:
-        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config, streamer=progress)
-    finally:
-        model.generation_config = saved
-        bar.close()
-    return out[:, ids.shape[1]:].tolist()
-
-
-# ---- the fast path: a preallocated static KV cache per (model, shape) and a compiled one-token decode step
-# replayed as a CUDA graph. Shapes are fixed per role (batch and cache length come from the flags and the
-# data), so each role compiles once per run. Rows that finish keep decoding (it costs nothing: decode is bound
-# by reading the weights) and the loop stops once every row has finished, checked every 16 steps to avoid
-# syncs. On the GPU the cache's memory is handed back after every call, so that the update can use it: the
-# next call allocates it again and the CUDA graph is re-recorded if its address moved (no recompilation).
-_STATIC = {}
 
 
 def _cache_kwarg(model):
@@ -693,9 +1144,9 @@ def _static_decoder(model, batch, length, compile_step=None):
             return model(input_ids=tokens, position_ids=positions, attention_mask=mask, use_cache=True,
                          **{kw: cache}).logits[:, -1].float()
 
-        on_gpu = model.device.type == "cuda"
-        compile_step = on_gpu if compile_step is None else compile_step
+        compile_step = model.device.type == "cuda" if compile_step is None else compile_step
         if compile_step:  # a compilation per shape and model, a re-recording per call: lift the default limits
+            tqdm.write(f"compiling the sampler for {batch} rows x {length} slots (about 30 s, once per shape)")
             cfg = torch._dynamo.config
             limit = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
             setattr(cfg, limit, max(64, getattr(cfg, limit)))
@@ -713,13 +1164,32 @@ def _release(cache):
         layer.cumulative_length = torch.tensor(0, dtype=torch.long)
 
 
+def _forget_decoders(model):
+    """Drop the static caches and compiled decode steps of a model that will not sample again."""
+    for key in [k for k in _STATIC if k[0] == id(model)]:
+        del _STATIC[key]
+
+
+def _decode(dec, token, positions, mask):
+    """One compiled decode step, or the eager one for a model torch.compile cannot capture (said once)."""
+    try:
+        logits = dec["step"](token, positions, mask)
+    except Exception as e:
+        if dec["step"] is dec["eager"]:
+            raise
+        print(f"note: compiled decoding failed ({type(e).__name__}); decoding eagerly. --no-fast uses generate.")
+        dec["step"] = dec["eager"]
+        return dec["step"](token, positions, mask)
+    return logits.clone() if dec["step"] is not dec["eager"] else logits  # a CUDA graph reuses its output
+
+
 @torch.no_grad()
-def generate_static(model, prompts, max_new, stops, pad_id, temperature, top_p, batch=None, prompt_len=None,
-                    desc="sample"):
-    """Same tokens as generate_plain for the same seed, over a static cache of `batch` rows x
-    (`prompt_len` + max_new) slots. Extra rows (batch > len(prompts)) are padding and are dropped."""
-    n = len(prompts)
-    batch, prompt_len = max(batch or n, n), max(prompt_len or 0, max(len(p) for p in prompts))
+def generate_static(model, prompts, how, desc="sample"):
+    """Same tokens as generate_plain for the same seed, over a static cache of how.batch rows x (how.prompt_len
+    + how.max_new) slots. Extra rows (batch > len(prompts)) are padding and are dropped; a row that has
+    finished writes the pad id after its stop token."""
+    n, pad_id, max_new = len(prompts), how.pad_id, how.max_new
+    batch, prompt_len = max(how.batch or n, n), max(how.prompt_len or 0, max(len(p) for p in prompts))
     ids, mask = left_pad(prompts + [prompts[0]] * (batch - n), pad_id, model.device, width=prompt_len)
     dec = _static_decoder(model, batch, prompt_len + max_new)
     dec["cache"].reset()
@@ -728,301 +1198,49 @@ def generate_static(model, prompts, max_new, stops, pad_id, temperature, top_p, 
     logits = model(input_ids=ids, attention_mask=full_mask, position_ids=positions, use_cache=True,
                    logits_to_keep=1, **{dec["kw"]: dec["cache"]}).logits[:, -1].float()
     next_pos = mask.sum(-1, keepdim=True)  # [B, 1]: position of the first new token
-    stop_t = torch.tensor(stops, device=model.device)
+    stop_t = torch.tensor(how.stops, device=model.device)
     out = torch.full((batch, max_new), pad_id, dtype=torch.long, device=model.device)
     done = torch.zeros(batch, dtype=torch.bool, device=model.device)
     for t in tqdm(range(max_new), desc=desc, leave=False):
         token = torch.full((batch,), pad_id, dtype=torch.long, device=model.device)
-        token[:n] = pick_tokens(logits[:n], temperature, top_p)  # padding rows draw nothing: same RNG use as plain
+        token[:n] = pick_tokens(logits[:n], how.temperature, how.top_p)  # padding rows draw nothing (same RNG)
         token = torch.where(done, pad_id, token)
         out[:, t] = token
         done |= torch.isin(token, stop_t)
         if t == max_new - 1 or (t % 16 == 15 and bool(done[:n].all())):
             break
-        try:
-            logits = dec["step"](token[:, None], next_pos + t, full_mask)
-        except Exception as e:  # a model torch.compile cannot capture: decode eagerly, say so once
-            if dec["step"] is dec["eager"]:
-                raise
-            print(f"note: compiled decoding failed ({type(e).__name__}); decoding eagerly. --no-fast uses generate.")
-            dec["step"] = dec["eager"]
-            logits = dec["step"](token[:, None], next_pos + t, full_mask)
-        if dec["step"] is not dec["eager"]:
-            logits = logits.clone()  # a CUDA graph's output buffer is overwritten by its next replay
+        logits = _decode(dec, token[:, None], next_pos + t, full_mask)
     if model.device.type == "cuda":
         _release(dec["cache"])
     return out[:n].tolist()
 
 
-def generate(model, prompts, max_new, stops, pad_id, temperature, top_p, fast, batch=None, prompt_len=None,
-             desc="sample"):
-    """Responses (cut after their stop token) and finished flags for a batch of prompt id lists."""
-    if fast:
-        rows = generate_static(model, prompts, max_new, stops, pad_id, temperature, top_p, batch, prompt_len, desc)
-    else:
-        rows = generate_plain(model, prompts, max_new, stops, pad_id, temperature, top_p, desc)
-    cut = [cut_at_stop(r, set(stops)) for r in rows]
-    return [c[0] for c in cut], [c[1] for c in cut]
-
-
-# ================================================================================================ 6. teacher
-
-
-def guidance_pct(step, total_steps):
-    """METHOD.md's schedule: pct decays linearly 0.1 -> 0.01 over total_steps // 3 steps (1-based step), and
-    the teacher is off for good from the first step whose pct <= 0.06 (pct never rises, so checking this
-    step's value is enough)."""
-    q = max(1, total_steps // 3)
-    pct = 0.1 - 0.09 * min(step - 1, q) / q
-    return 0.0 if pct <= 0.06 else pct
-
-
-def teacher_rows(args):
-    """The most rollouts one step can send to the teacher (k <= max(1, floor(G * 0.1)) per group, since
-    pct <= 0.1): the teacher sampler's fixed batch."""
-    return args.prompts_per_step * max(1, math.floor(args.group_size * 0.1))
-
-
-def select_for_guidance(finished, group_size, pct, rng):
-    """Per group, k = max(1, floor(|E| * pct)) rollouts drawn uniformly from the finished ones E.
-    Correctness plays no part: the teacher may confirm a right answer as well as correct a wrong one."""
-    if pct <= 0:
-        return []
-    chosen = []
-    for g in range(0, len(finished), group_size):
-        done = [i for i in range(g, g + group_size) if finished[i]]
-        if done:
-            chosen += sorted(rng.sample(done, max(1, math.floor(len(done) * pct))))
-    return chosen
-
-
-def parse_teacher(text):
-    """(opinion, reason, phrase) when the reply is exactly the three tagged parts in order, each non-empty;
-    else None. Plain string search: no regex to backtrack on a long reply. (The authors' format check never
-    rejected anything because of an unescaped regex; ours does.)"""
-    parts, rest = [], text.strip()
-    for tag in ("opinion", "reason", "phrase"):
-        open_, close = f"<{tag}>", f"</{tag}>"
-        if not rest.startswith(open_) or close not in rest:
-            return None
-        body, rest = rest[len(open_):].split(close, 1)
-        if not body.strip() or "<" + tag in body:
-            return None
-        parts.append(body.strip())
-        rest = rest.lstrip()
-    if rest or parts[0].lower() not in ("correct", "incorrect"):
-        return None
-    return parts[0].lower(), parts[1], parts[2]
-
-
-def splice(response, reason, phrase, tok, eos_id):
-    """Guided response ids: the student's response without its final EOS, then the teacher's reflection and
-    continuation as if the student had thought them, then EOS. Returns (ids, number of student tokens kept)."""
-    kept = response[:-1]  # the response is finished, so its last token is the stop token
-    teacher_ids = tok("\n\n" + reason + "\n\n" + phrase, add_special_tokens=False)["input_ids"]
-    return kept + teacher_ids + [eos_id], len(kept)
-
-
-def guided_mask(item, args):
-    """[T] 1 on the tokens trained with AAS: the whole guided response (authors' choice) or, with
-    --guide-teacher-tokens-only, the teacher-written tokens and the final EOS."""
-    m = torch.zeros(len(item["response"]))
-    if item.get("guided"):
-        m[item["n_student"] if args.guide_teacher_tokens_only else 0:] = 1
-    return m
-
-
-# ================================================================================================ 7. rewards, advantages
-
-
-def reward(response_text, finished, gold):
-    """r = 1 when the response ended with EOS (decided from token ids) and its final answer equals the gold.
-    (The authors looked for EOS in text decoded without special tokens, so their reward was always 0.)"""
-    return float(finished and grade(response_text, gold))
-
-
-def group_advantages(rewards, group_size):
-    """A_i = (r_i - mean_j r_j) / (std_j r_j + 1e-6) within each group of G contiguous rollouts; std with
-    Bessel's correction. rewards: [N] -> [N]."""
-    r = rewards.view(-1, group_size)  # [N/G, G]
-    return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-6)).flatten()  # [N]
-
-
-# ================================================================================================ 8. loss
-
-
-def aas_gamma(adv):
-    """gamma(A) = clip(A / 4000, -0.001, 0.001). (The authors passed the clamp bounds in the wrong order,
-    which made gamma = -0.001 for every token; we follow the evident intent, this linear formula.)"""
-    return (adv / 4000).clamp(-1e-3, 1e-3)
-
-
-def policy_loss(logp, old_logp, adv, mask, guided, clip_eps=0.2, dual_clip=3.0):
-    """Token-mean ThinkTuning loss and its statistics.
-    logp, old_logp: [N, T] log-probs of the response tokens (logp with gradient); adv: [N];
-    mask: [N, T] 1 on response tokens (EOS included); guided: [N, T] 1 on tokens trained with AAS."""
-    mask, guided = mask.bool(), guided.bool()
-    A = adv[:, None].expand_as(logp)  # [N, T] advantage broadcast to every token
-    ratio = torch.exp(logp - old_logp)  # [N, T] rho
-    # unguided tokens: PPO with dual clip
-    l_clip = torch.maximum(-A * ratio, -A * ratio.clamp(1 - clip_eps, 1 + clip_eps))  # [N, T]
-    l_ppo = torch.where(A < 0, torch.minimum(l_clip, -A * dual_clip), l_clip)  # [N, T]
-    # guided tokens: Advantage-Aware Shaping, l = -A p / d with d = sg(p) + gamma(A), kept inside (0, 1]
-    p = logp.exp()  # [N, T] with gradient
-    p_sg = p.detach()  # [N, T]
-    d = p_sg + aas_gamma(A)  # [N, T]
-    d = torch.where(d < 0, p_sg / 1.0001, torch.where(d > 1, p_sg / 0.9999, d))  # [N, T]
-    l_aas = -A * p / d  # [N, T]; gradient -A * p/d * grad log p, unclipped
-    # routing: a guided token with A < 0 and sg(p) < 0.01 falls back to PPO
-    use_aas = guided & ~((A < 0) & (p_sg < 0.01))  # [N, T] M
-    l = torch.where(use_aas, l_aas, l_ppo)  # [N, T]
-    n_tok = mask.sum().clamp(min=1)
-    loss = torch.where(mask, l, 0.0).sum() / n_tok  # scalar: token mean, no KL, no entropy bonus
-    ppo_tok = mask & ~use_aas
-    aas_tok = mask & use_aas
-    with torch.no_grad():
-        clipped = (ratio - ratio.clamp(1 - clip_eps, 1 + clip_eps)).abs() > 0
-        stats = {"clip_frac": (clipped & ppo_tok).sum().item() / max(1, ppo_tok.sum().item()),
-                 "dual_clip_frac": ((A < 0) & (l_clip > -A * dual_clip) & ppo_tok).sum().item()
-                 / max(1, ppo_tok.sum().item()),
-                 "aas_tokens": aas_tok.sum().item(),
-                 "aas_weight": (p_sg / d)[aas_tok].mean().item() if aas_tok.any() else float("nan")}
-    return loss, stats
-
-
-def kl_k3(logp, ref_logp):
-    """k3 estimator of KL(pi_theta || pi_ref) per token: exp(ref - logp) - (ref - logp) - 1. [N, T] -> [N, T]"""
-    delta = ref_logp - logp
-    return delta.exp() - delta - 1
-
-
-def right_pad(seqs, pad_id, device):
-    """[N, L] ids of full sequences (prompt + response), padded at the end."""
+# ------------------------------------------------------------------------------------------------ small helpers
+def right_pad(seqs, device, pad_id=0):
+    """[N, L] ids of full sequences (prompt + response), padded at the end (any id: causal attention hides it)."""
     ids = torch.full((len(seqs), max(len(s) for s in seqs)), pad_id, dtype=torch.long)
     for i, s in enumerate(seqs):
         ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
     return ids.to(device)
 
 
-def _token_logp(head, h, target, temperature, scale, softcap):
-    logits = head(h).float() * scale  # [n, V]; scale: Cohere's logit_scale, else 1
-    if softcap:  # Gemma-2's final logit soft-capping
-        logits = torch.tanh(logits / softcap) * softcap
-    logits = logits / temperature
-    return logits.gather(-1, target[:, None]).squeeze(-1) - logits.logsumexp(-1)  # [n]
+def pad_rows(rows, width):
+    """Stack 1-D tensors of different lengths into [n, width], zero-padded at the end."""
+    return torch.stack([F.pad(r, (0, width - len(r))) for r in rows])
 
 
-def response_logprobs(model, prompts, responses, temperature, pad_id, chunk=1024):
-    """[n, T] log pi(y_t | x, y_<t) / temperature-scaled, for every response token (0 past each response).
-    The LM head runs only on response positions, in chunks that are recomputed in the backward pass, so the
-    [n, L, V] float32 logits never exist at once."""
-    ids = right_pad([p + r for p, r in zip(prompts, responses)], pad_id, model.device)  # [n, L]
-    # No attention mask: the padding sits after every real token, where causal attention already keeps it
-    # out. Without one, transformers hands SDPA the grouped KV heads as they are and a causal flag, so a flash
-    # kernel can run; with one, it builds an [n, 1, L, L] mask and copies K and V to every query head.
-    hidden = model.base_model(input_ids=ids).last_hidden_state  # [n, L, H]
-    plen = torch.tensor([len(p) for p in prompts], device=model.device)  # [n]
-    rlen = torch.tensor([len(r) for r in responses], device=model.device)  # [n]
-    t = torch.arange(int(rlen.max()), device=model.device)  # [T]
-    mask = t[None] < rlen[:, None]  # [n, T]
-    src = (plen[:, None] + t[None] - 1).clamp(max=ids.shape[1] - 2)  # [n, T] position whose output predicts y_t
-    rows = torch.arange(len(prompts), device=model.device)[:, None]
-    h, target = hidden[rows, src][mask], ids[rows, src + 1][mask]  # [m, H], [m]
-    head, cfg = model.get_output_embeddings(), model.config
-    scale, softcap = getattr(cfg, "logit_scale", None) or 1.0, getattr(cfg, "final_logit_softcapping", None)
-    parts = []
-    for i in range(0, len(target), chunk):
-        args = (head, h[i:i + chunk], target[i:i + chunk], temperature, scale, softcap)
-        parts.append(torch.utils.checkpoint.checkpoint(_token_logp, *args, use_reentrant=False)
-                     if torch.is_grad_enabled() else _token_logp(*args))
-    out = torch.zeros(mask.shape, device=model.device)  # [n, T]
-    out[mask] = torch.cat(parts)
-    return out
+def by_length(rollouts):
+    """Rollouts sorted by full sequence length, so that micro-batches pad little."""
+    return sorted(rollouts, key=lambda r: len(r.prompt) + len(r.response))
 
 
-# ================================================================================================ 9. training loop
+def nanmean(xs):
+    xs = [x for x in xs if x == x]
+    return sum(xs) / len(xs) if xs else float("nan")
 
 
-def load_tokenizer(name):
-    from transformers import AutoTokenizer
-    try:
-        tok = AutoTokenizer.from_pretrained(name)
-    except Exception as e:
-        msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise UserError(f"could not load model {name!r}: not a local model folder and not reachable on the Hub "
-                        f"({msg}); check the name, the path or your network")
-    if tok.eos_token_id is None:
-        raise UserError(f"{name}: the tokenizer has no EOS token, so finished responses cannot be recognised")
-    if getattr(tok, "chat_template", None) is None:
-        print(f"note: {name} has no chat template; prompts are plain 'User: ... Assistant:' turns")
-    return tok
-
-
-def load_model(name, args, trainable):
-    from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=getattr(torch, args.dtype)).to(args.device)
-    if not trainable:
-        return model.eval().requires_grad_(False)
-    # No dropout: the update runs in train mode (for gradient checkpointing), and the ratio p / p_old must be
-    # exactly 1 before the first optimizer step. The saved config keeps its dropout values.
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-        if isinstance(getattr(module, "attention_dropout", None), float):
-            module.attention_dropout = 0.0
-    if args.device.startswith("cuda") and not args.no_grad_ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False  # training forwards; the samplers ask for a cache explicitly
-    return model
-
-
-def make_optimizer(model, args):
-    """AdamW over fp32 master weights. At lr 1e-6 a step moves a weight by ~1e-6, far below bf16's resolution
-    (~0.4% of the weight), so applied to bf16 weights every update would round to nothing. With float32
-    weights (CPU) the master weights are the model's own."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    master = params if params[0].dtype == torch.float32 else \
-        [p.detach().float().requires_grad_(True) for p in params]
-    opt = torch.optim.AdamW(master, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay,
-                            fused=args.device.startswith("cuda"))
-    return opt, params, master
-
-
-def optimizer_step(opt, params, master, grad_clip, chunk=1 << 26):
-    """Clip the gradient norm and step; a non-finite norm skips the step. Returns (norm, stepped).
-    With fp32 master weights the bf16 gradients are converted and applied ~64M elements at a time (AdamW
-    skips parameters without a gradient), so the fp32 gradients of the whole model never exist at once."""
-    if master is params:
-        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
-        ok = bool(torch.isfinite(norm))
-        if ok:
-            opt.step()
-        opt.zero_grad(set_to_none=True)
-        return float(norm), ok
-    pairs = [(p, m) for p, m in zip(params, master) if p.grad is not None]
-    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad, dtype=torch.float32)
-                                                 for p, _ in pairs]))
-    ok = bool(torch.isfinite(norm))
-    scale = (grad_clip / (norm + 1e-6)).clamp(max=1.0)  # as clip_grad_norm_
-    while ok and pairs:
-        size, part = 0, []
-        while pairs and (not part or size + pairs[0][0].numel() <= chunk):
-            part.append(pairs.pop(0))
-            size += part[-1][0].numel()
-        for p, m in part:
-            m.grad, p.grad = p.grad.float().mul_(scale), None
-        opt.step()
-        with torch.no_grad():
-            for p, m in part:
-                m.grad = None
-                p.copy_(m)
-    for p in params:
-        p.grad = None
-    return float(norm), ok
-
-
-REFLECTIVE = re.compile(r"\b(?:wait|let me check|let me verify|verify|double-check|double check|re-check)\b",
-                        re.IGNORECASE)
+def round_up(n, multiple=64):
+    return -(-n // multiple) * multiple
 
 
 def sync(device):
@@ -1032,202 +1250,81 @@ def sync(device):
     return time.perf_counter()
 
 
-def guide(items, chosen, student_tok, teacher, teacher_tok, args):
-    """Teacher intervention on the chosen rollouts: one greedy batch, strict parsing, splicing.
-    Returns the number asked and the number whose reply passed the format check."""
-    queries = []
-    for i in chosen:
-        text = student_tok.decode(items[i]["response"], skip_special_tokens=True)
-        ids = render_chat(teacher_tok, teacher_messages(items[i]["question"], text))
-        if len(ids) <= args.teacher_max_prompt_len:  # a longer query stays unguided
-            queries.append((i, ids))
-    if not queries:
-        return 0, 0
-    t_stops = stop_ids(teacher_tok, teacher)
-    t_pad = pad_token_id(teacher_tok)
-    replies, finished = generate(teacher, [q for _, q in queries], args.teacher_max_new_tokens, t_stops, t_pad,
-                                 0.0, 1.0, args.fast, batch=teacher_rows(args), prompt_len=args.teacher_max_prompt_len,
-                                 desc="teacher")
-    passed = 0
-    for (i, _), reply, done in zip(queries, replies, finished):
-        parsed = parse_teacher(teacher_tok.decode(reply, skip_special_tokens=True)) if done else None
-        if parsed is None:
-            continue
-        ids, n_student = splice(items[i]["response"], parsed[1], parsed[2], student_tok, student_tok.eos_token_id)
-        if len(ids) - n_student > args.teacher_text_max:  # feedback longer than the paper's 512 tokens
-            continue
-        passed += 1
-        items[i].update(response=ids, finished=True, guided=True, n_student=n_student,
-                        teacher_text=student_tok.decode(ids[n_student:], skip_special_tokens=True))
-    return len(queries), passed
+# ------------------------------------------------------------------------------------------------ optimizer
+class MasterAdamW:
+    """AdamW over fp32 master weights. At lr 1e-6 a step moves a weight by ~1e-6, far below bf16's resolution
+    (~0.4% of the weight), so applied to bf16 weights every update would round to nothing. Float32 weights
+    (CPU) are their own master weights."""
+
+    def __init__(self, model, lr, weight_decay, fused=False):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.master = [p if p.dtype == torch.float32 else p.detach().float().requires_grad_(True)
+                       for p in self.params]
+        self.opt = torch.optim.AdamW(self.master, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay,
+                                     fused=fused)
+
+    def separate(self):
+        """Whether the master weights are copies (bf16 weights) rather than the weights themselves."""
+        return any(m is not p for m, p in zip(self.master, self.params))
+
+    def zero_grad(self):
+        for p in self.params:
+            p.grad = None
+
+    def step(self, grad_clip, chunk=1 << 26):
+        """Clip the gradient norm and step; a non-finite norm skips the step. Returns (norm, stepped).
+        Gradients are converted to fp32 and applied ~64M elements at a time, so the fp32 gradients of the whole
+        model never exist at once. A weight without a gradient (no row could move it) steps with a zero one."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32)
+                                                     for g in grads])) if grads else torch.tensor(0.0)
+        ok, scale = bool(torch.isfinite(norm)), (grad_clip / (norm + 1e-6)).clamp(max=1.0)  # as clip_grad_norm_
+        pairs = list(zip(self.params, self.master))
+        while ok and pairs:
+            size, part = 0, []
+            while pairs and (not part or size + pairs[0][0].numel() <= chunk):
+                part.append(pairs.pop(0))
+                size += part[-1][0].numel()
+            for p, m in part:
+                g = p.grad.float().mul_(scale) if p.grad is not None else torch.zeros_like(m)
+                p.grad, m.grad = None, g  # in this order: m may be p itself
+            self.opt.step()
+            with torch.no_grad():
+                for p, m in part:
+                    m.grad = None
+                    if m is not p:
+                        p.copy_(m)
+        self.zero_grad()
+        return float(norm), ok
+
+    def state_dict(self):
+        return {"optimizer": self.opt.state_dict(), "master": self.master if self.separate() else None}
+
+    def load_state_dict(self, saved):
+        self.opt.load_state_dict(saved["optimizer"])
+        if saved["master"] is not None and self.separate():
+            with torch.no_grad():
+                for m, s in zip(self.master, saved["master"]):
+                    m.copy_(s)
 
 
-def _nanmean(xs):
-    xs = [x for x in xs if x == x]
-    return sum(xs) / len(xs) if xs else float("nan")
-
-
-def pad_rows(rows, width):
-    """Stack 1-D tensors of different lengths into [n, width], zero-padded at the end."""
-    return torch.stack([F.pad(r, (0, width - len(r))) for r in rows])
-
-
-def by_length(items, rows):
-    """`rows` (indices into items) by full sequence length, so that micro-batches pad little."""
-    return sorted(rows, key=lambda i: len(items[i]["prompt"]) + len(items[i]["response"]))
-
-
-def update(model, items, old_logp, ref_logp, opt, params, master, args, pad_id, rng):
-    """One pass over the step's rollouts in --minibatches optimizer steps, micro-batched by --micro-batch."""
-    order = list(range(len(items)))
-    rng.shuffle(order)
-    size = len(items) // args.minibatches
-    stats, norms, skipped, losses = [], [], 0, []
-    model.train()
-    for mb in tqdm(range(args.minibatches), desc="update", leave=False):
-        rows = by_length(items, order[mb * size:(mb + 1) * size])
-        n_tokens = sum(len(items[i]["response"]) for i in rows)
-        finite = True
-        for k in range(0, len(rows), args.micro_batch):
-            sub = rows[k:k + args.micro_batch]
-            logp = response_logprobs(model, [items[i]["prompt"] for i in sub], [items[i]["response"] for i in sub],
-                                     args.temperature, pad_id)  # [n, T]
-            T = logp.shape[1]
-            old = pad_rows([old_logp[i] for i in sub], T)  # [n, T]
-            mask = pad_rows([torch.ones(len(items[i]["response"]), device=logp.device) for i in sub], T)  # [n, T]
-            guided = pad_rows([guided_mask(items[i], args).to(logp.device) for i in sub], T)  # [n, T]
-            adv = torch.tensor([items[i]["adv"] for i in sub], device=logp.device)  # [n]
-            loss, st = policy_loss(logp, old, adv, mask, guided, args.clip_eps, args.dual_clip)
-            if args.kl_beta > 0:
-                kl = ((kl_k3(logp, pad_rows([ref_logp[i] for i in sub], T)) * mask).sum() / mask.sum())  # token mean
-                loss = loss + args.kl_beta * kl
-                st["kl"] = kl.item()
-            if not torch.isfinite(loss):
-                finite = False
-                break
-            (loss * mask.sum() / n_tokens).backward()  # micro-batch token sums add up to the mini-batch token mean
-            stats.append(st)
-            losses.append(loss.item() * mask.sum().item() / n_tokens)
-        if not finite:  # skip this update, keep training
-            for p in params:
-                p.grad = None
-            skipped += 1
-            continue
-        norm, ok = optimizer_step(opt, params, master, args.grad_clip)
-        norms.append(norm)
-        skipped += not ok
-    model.eval()
-    mean = lambda key: _nanmean([s[key] for s in stats if key in s])  # noqa: E731
-    return {"loss": sum(losses) / max(1, args.minibatches), "grad_norm": _nanmean(norms), "skipped_updates": skipped,
-            "clip_frac": mean("clip_frac"), "dual_clip_frac": mean("dual_clip_frac"),
-            "aas_weight": mean("aas_weight"), "aas_tokens": sum(s["aas_tokens"] for s in stats),
-            **({"kl": mean("kl")} if args.kl_beta > 0 else {})}
-
-
-@torch.no_grad()
-def score_old(model, ref, items, args, pad_id):
-    """Old log-probs: the current student scores every final sequence (spliced ones too) once, before any
-    update, at the sampling temperature. The KL reference (when --kl-beta > 0) scores them too."""
-    old, refs = [None] * len(items), [None] * len(items)
-    order = by_length(items, range(len(items)))
-    for k in range(0, len(order), args.micro_batch):
-        sub = order[k:k + args.micro_batch]
-        P, R = [items[i]["prompt"] for i in sub], [items[i]["response"] for i in sub]
-        lp = response_logprobs(model, P, R, args.temperature, pad_id)  # [n, T]
-        lr = response_logprobs(ref, P, R, args.temperature, pad_id).to(lp.device) if ref is not None else None
-        for j, i in enumerate(sub):
-            old[i] = lp[j, :len(R[j])]
-            refs[i] = lr[j, :len(R[j])] if lr is not None else None
-    return old, refs
-
-
-def save_checkpoint(out, model, tok, opt, master, params, state):
-    """Write OUT/ckpt via a temporary folder and a rename: an interrupted save never destroys the last one."""
-    final, tmp, old = (os.path.join(out, name) for name in ("ckpt", "ckpt.tmp", "ckpt.old"))
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    torch.save({**state, "optimizer": opt.state_dict(), "master": None if master is params else master,
-                "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-               os.path.join(tmp, "trainer_state.pt"))
-    if os.path.exists(final):
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(final, old)
-    os.rename(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def print_plan(args, n_problems, skipped, student, teacher, ref, params, master, prompt_width):
-    """What a step does and what it costs: rollouts and tokens per step, a memory estimate, checkpoint size."""
-    n_roll = args.prompts_per_step * args.group_size
-    n_params = sum(p.numel() for p in params)
-    method = "vanilla GRPO" if args.no_teacher else "ThinkTuning" if teacher else "ThinkTuning (guidance over)"
-    print(f"{method}: {n_problems} questions"
-          f"{f' ({skipped} with prompts over --max-prompt-len skipped)' if skipped else ''}, "
-          f"{args.prompts_per_step} x {args.group_size} = {n_roll} rollouts per step, up to "
-          f"{n_roll * (prompt_width + args.max_new_tokens):,} tokens per step, "
-          f"{args.minibatches} optimizer steps of {n_roll // args.minibatches} rollouts")
-    # memory: what stays (weights, fp32 master weights, AdamW's two moments, frozen models) plus the largest of
-    # what comes and goes (each KV cache lives only while its model samples; gradients only in the update)
-    size = student.dtype.itemsize
-    frozen = sum(p.numel() * p.element_size() for m in {teacher, ref} - {None} for p in m.parameters())
-    separate_master = master is not params  # bf16 weights: fp32 copies beside them
-    trained = n_params * (size + 8 + 4 * separate_master)  # also the size of a checkpoint on disk
-    stays = trained + frozen
-    student_kv = kv_cache_bytes(student.config, n_roll, prompt_width + args.max_new_tokens, size)
-    teacher_kv = kv_cache_bytes(teacher.config, teacher_rows(args), args.teacher_max_prompt_len
-                                + args.teacher_max_new_tokens, teacher.dtype.itemsize) if teacher else 0
-    peak = stays + max(student_kv, teacher_kv, n_params * size)
-    print(f"student {n_params / 1e6:.0f}M parameters, {args.dtype} on {args.device}; memory estimate: "
-          f"{stays / 1e9:.1f} GB always (weights{', fp32 master weights' * separate_master}, AdamW "
-          f"state, {frozen / 1e9:.1f} GB frozen teacher/reference), plus the largest of {student_kv / 1e9:.1f} GB "
-          f"student KV cache, {teacher_kv / 1e9:.1f} GB teacher KV cache, {n_params * size / 1e9:.1f} GB gradients "
-          f"(+ activations): about {peak / 1e9:.0f} GB at the peak")
-    free = shutil.disk_usage(args.out).free
-    print(f"checkpoints: about {trained / 1e9:.1f} GB each (model, AdamW state"
-          f"{', fp32 master weights' * separate_master}; a save writes the new one before deleting the "
-          f"old), {free / 1e9:.0f} GB free in {args.out}")
-    if free < trained:
-        print(f"note: not enough free disk for a checkpoint in {args.out}: free some space or choose another --out")
-    if args.device.startswith("cuda"):
-        total = torch.cuda.get_device_properties(torch.device(args.device)).total_memory
-        if peak > 0.95 * total:
-            print(f"note: that is more than this GPU's {total / 1e9:.0f} GB can hold; lower --prompts-per-step or "
-                  f"--max-new-tokens (or --teacher-max-prompt-len)")
-
-
-def train(args):
+# ------------------------------------------------------------------------------------------------ the start-up plan
+def start_run(args):
+    """Data, models, optimizer and (with --resume) the saved state; prints the plan. None: nothing left to do."""
     problems = load_problems(args.train_data)  # data errors end the run before any model is loaded
     eval_items = load_benchmark(args.eval_data, args.eval_every_limit) if args.eval_every else None
-    os.makedirs(args.out, exist_ok=True)
-    ckpt = os.path.join(args.out, "ckpt")
-    resuming = args.resume is not None
-    if resuming and not os.path.exists(os.path.join(ckpt, "trainer_state.pt")):
-        raise UserError(f"--resume {args.resume}: no checkpoint at {ckpt}")
-    if not resuming and os.path.exists(ckpt):
-        raise UserError(f"{args.out} already holds a training run: continue it with --resume {args.out}, "
-                        f"or choose another --out")
-    if not resuming and os.path.exists(os.path.join(args.out, "metrics.jsonl")):
-        raise UserError(f"{args.out} holds metrics of a run that saved no checkpoint: choose another --out")
+    ckpt, resuming = os.path.join(args.out, "ckpt"), args.resume is not None
+    check_out_folder(args, ckpt, resuming)
     tok = load_tokenizer(ckpt if resuming else args.model)
     teacher_tok = None if args.no_teacher else load_tokenizer(args.teacher) if args.teacher else tok
-    # the student's prompts, tokenised once; questions whose prompt is too long are skipped
-    for p in problems:
-        p["prompt"] = student_prompt(tok, p["question"])
-    skipped = sum(len(p["prompt"]) > args.max_prompt_len for p in problems)
-    problems = [p for p in problems if len(p["prompt"]) <= args.max_prompt_len]
-    if not problems:
-        raise UserError(f"every prompt of {args.train_data} is longer than --max-prompt-len {args.max_prompt_len}")
-    prompt_width = round_up(max(len(p["prompt"]) for p in problems))  # the student cache's fixed prompt part
-
+    problems, skipped, prompt_width = tokenize_prompts(problems, tok, args)
     # CPU first: RNG states must be CPU tensors; the optimizer moves its state to the parameters' device
-    saved = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False, map_location="cpu") \
-        if resuming else None
+    saved = (torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False, map_location="cpu")
+             if resuming else None)
     first_step = saved["step"] + 1 if saved else 1
     if first_step > args.steps:
         print(f"{args.out} already holds {first_step - 1} steps; ask for more with --steps")
-        return True
+        return None
     torch.manual_seed(args.seed)
     student = load_model(ckpt if resuming else args.model, args, trainable=True).eval()
     # the teacher: by default a frozen copy of the initial student (read from --model, also when resuming),
@@ -1237,126 +1334,224 @@ def train(args):
     ref = None
     if args.kl_beta > 0:  # the frozen initial model is also the default teacher: no extra memory then
         ref = teacher if teacher is not None and not args.teacher else load_model(args.model, args, trainable=False)
-    opt, params, master = make_optimizer(student, args)
-    rng = random.Random(args.seed)  # rollout selection and mini-batch order
-    state = {"step": 0, "cursor": 0, "py_rng": rng.getstate()}
+    n_roll = args.prompts_per_step * args.group_size
+    student_how = Sampling(stop_ids(tok, student), pad_token_id(tok), args.max_new_tokens, args.temperature,
+                           args.top_p, args.fast, batch=n_roll, prompt_len=prompt_width)
+    teacher_how = (Sampling(stop_ids(teacher_tok, teacher), pad_token_id(teacher_tok), args.teacher_max_new_tokens,
+                            0.0, 1.0, args.fast, teacher_rows(args), args.teacher_max_prompt_len)
+                   if teacher is not None else None)
+    run = Run(args, tok, student, teacher, teacher_tok, ref,
+              MasterAdamW(student, args.lr, args.weight_decay, fused=args.device.startswith("cuda")),
+              problems, student_how, teacher_how, random.Random(args.seed),
+              {"step": 0, "cursor": 0}, eval_items)
+    run.state["py_rng"] = run.rng.getstate()
     if saved:
-        opt.load_state_dict(saved["optimizer"])
-        if saved["master"] is not None and master is not params:
-            with torch.no_grad():
-                for m, s in zip(master, saved["master"]):
-                    m.copy_(s)
-        torch.set_rng_state(saved["torch_rng"])
-        if saved["cuda_rng"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(saved["cuda_rng"])
-        state = {k: saved[k] for k in ("step", "cursor", "py_rng")}
-        rng.setstate(state["py_rng"])
-        _truncate_metrics(args.out, state["step"])  # steps logged after the checkpoint are done again
+        restore(run, saved)
     with open(os.path.join(args.out, "args.json"), "w") as f:
         json.dump(vars(args), f, indent=1)
+    print_plan(run, len(problems), skipped, prompt_width)
+    return run
 
-    pad_id = pad_token_id(tok)
-    stops = stop_ids(tok, student)
+
+def check_out_folder(args, ckpt, resuming):
+    """Training never overwrites a run: a folder that holds one asks for --resume or another folder."""
+    os.makedirs(args.out, exist_ok=True)
+    if resuming and not os.path.exists(os.path.join(ckpt, "trainer_state.pt")):
+        raise UserError(f"--resume {args.resume}: no checkpoint at {ckpt}")
+    if not resuming and os.path.exists(ckpt):
+        raise UserError(f"{args.out} already holds a training run: continue it with --resume {args.out}, "
+                        f"or choose another --out")
+    if not resuming and os.path.exists(os.path.join(args.out, "metrics.jsonl")):
+        raise UserError(f"{args.out} holds metrics of a run that saved no checkpoint: choose another --out")
+
+
+def tokenize_prompts(problems, tok, args):
+    """The student's prompts, tokenised once; questions whose prompt is too long are skipped. Returns the kept
+    problems, how many were skipped and the student cache's fixed prompt width."""
+    for p in problems:
+        p["prompt"] = student_prompt(tok, p["question"])
+    kept = [p for p in problems if len(p["prompt"]) <= args.max_prompt_len]
+    if not kept:
+        raise UserError(f"every prompt of {args.train_data} is longer than --max-prompt-len {args.max_prompt_len}")
+    return kept, len(problems) - len(kept), round_up(max(len(p["prompt"]) for p in kept))
+
+
+def restore(run, saved):
+    """Optimizer, master weights, RNG states and the data position from a checkpoint."""
+    run.optim.load_state_dict(saved)
+    torch.set_rng_state(saved["torch_rng"])
+    if saved["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(saved["cuda_rng"])
+    run.state = {k: saved[k] for k in ("step", "cursor", "py_rng")}
+    run.rng.setstate(run.state["py_rng"])
+    truncate_logs(run.args.out, run.state["step"])  # steps logged after the checkpoint are done again
+
+
+def teacher_rows(args):
+    """The most rollouts one step can send to the teacher (k <= max(1, floor(G * 0.1)) per group, since
+    pct <= 0.1): the teacher sampler's fixed batch."""
+    return args.prompts_per_step * max(1, math.floor(args.group_size * 0.1))
+
+
+def kv_cache_bytes(cfg, rows, length, itemsize):
+    """Bytes of a KV cache of rows x length slots: K and V for every layer, KV head and head dimension."""
+    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return 2 * cfg.num_hidden_layers * heads * head_dim * itemsize * rows * length
+
+
+def print_plan(run, n_problems, skipped, prompt_width):
+    """What a step does and what it costs: rollouts and tokens per step, a memory estimate, checkpoint size."""
+    args, student, teacher = run.args, run.student, run.teacher
     n_roll = args.prompts_per_step * args.group_size
-    print_plan(args, len(problems), skipped, student, teacher, ref, params, master, prompt_width)
+    n_params = sum(p.numel() for p in run.optim.params)
+    method = "ThinkTuning" if teacher is not None else "ThinkTuning (guidance over)"
+    print(f"{'vanilla GRPO' if args.no_teacher else method}: {n_problems} questions"
+          f"{f' ({skipped} with prompts over --max-prompt-len skipped)' if skipped else ''}, "
+          f"{args.prompts_per_step} x {args.group_size} = {n_roll} rollouts per step, up to "
+          f"{n_roll * (prompt_width + args.max_new_tokens):,} tokens per step, "
+          f"{args.minibatches} optimizer steps of {n_roll // args.minibatches} rollouts")
+    # memory: what stays (weights, fp32 master weights, AdamW's two moments, frozen models) plus the largest of
+    # what comes and goes (each KV cache lives only while its model samples; gradients only in the update)
+    size, separate = student.dtype.itemsize, run.optim.separate()
+    frozen = sum(p.numel() * p.element_size() for m in {teacher, run.ref} - {None} for p in m.parameters())
+    trained = n_params * (size + 8 + 4 * separate)  # also the size of a checkpoint on disk
+    student_kv = kv_cache_bytes(student.config, n_roll, prompt_width + args.max_new_tokens, size)
+    teacher_kv = (kv_cache_bytes(teacher.config, teacher_rows(args), args.teacher_max_prompt_len
+                                 + args.teacher_max_new_tokens, teacher.dtype.itemsize) if teacher else 0)
+    peak = trained + frozen + max(student_kv, teacher_kv, n_params * size)
+    masters = ", fp32 master weights" if separate else ""
+    print(f"student {n_params / 1e6:.0f}M parameters, {args.dtype} on {args.device}; memory estimate: "
+          f"{(trained + frozen) / 1e9:.1f} GB always (weights{masters}, AdamW state, {frozen / 1e9:.1f} GB frozen "
+          f"teacher/reference), plus the largest of {student_kv / 1e9:.1f} GB student KV cache, "
+          f"{teacher_kv / 1e9:.1f} GB teacher KV cache, {n_params * size / 1e9:.1f} GB gradients "
+          f"(+ activations): about {peak / 1e9:.0f} GB at the peak")
+    free = shutil.disk_usage(args.out).free
+    print(f"checkpoints: about {trained / 1e9:.1f} GB each (model, AdamW state{masters}; a save writes the new "
+          f"one before deleting the old), {free / 1e9:.0f} GB free in {args.out}")
+    if free < trained:
+        print(f"note: not enough free disk for a checkpoint in {args.out}: free some space or choose another --out")
+    if args.device.startswith("cuda"):
+        total = torch.cuda.get_device_properties(torch.device(args.device)).total_memory
+        if peak > 0.95 * total:
+            print(f"note: that is more than this GPU's {total / 1e9:.0f} GB can hold; lower --prompts-per-step or "
+                  f"--max-new-tokens (or --teacher-max-prompt-len)")
 
-    stop_requested = []
+
+# ------------------------------------------------------------------------------------------------ logs
+REFLECTIVE = re.compile(r"\b(?:wait|let me check|let me verify|verify|double-check|double check|re-check)\b",
+                        re.IGNORECASE)
+
+
+def step_metrics(run, step, rollouts, record):
+    """One line of metrics.jsonl (README, "Reading the metrics")."""
+    args, replies = run.args, record["replies"]
+    guided = [r for r in rollouts if r.guided]
+    own = [(r, text) for r, text in zip(rollouts, record["texts"]) if not r.guided]
+    spread = torch.tensor([r.reward for r in rollouts]).view(-1, args.group_size).std(1)  # [B]
+    row = {"step": step, "reward": sum(r.reward for r in rollouts) / len(rollouts),
+           "reward_guided": nanmean([r.reward for r in guided]),
+           "reward_unguided": nanmean([r.reward for r, _ in own]),
+           "zero_spread_groups": (spread == 0).float().mean().item(),
+           "guidance_pct": record["pct"], "n_selected": len(record["chosen"]), "teacher_asked": len(replies),
+           "n_guided": len(guided),
+           "teacher_format_pass": nanmean([float(rep["passed"]) for rep in replies]),
+           "response_len": sum(len(r.response) for r in rollouts) / len(rollouts),
+           "finished_frac": sum(r.finished for r in rollouts) / len(rollouts),
+           "reflect_rate": nanmean([float(bool(REFLECTIVE.search(text))) for _, text in own]),
+           **record["update"], **dict(zip(("t_student", "t_teacher", "t_logprob", "t_update"), record["seconds"]))}
+    if args.eval_every and step % args.eval_every == 0:  # held-out accuracy, in the sampler's shape
+        how = Sampling(run.student_how.stops, run.student_how.pad_id, args.max_new_tokens, 0.0, 1.0, args.fast,
+                       batch=run.student_how.batch)
+        held_out, _ = evaluate(run.student, run.tok, run.eval_items, how)
+        row.update(eval_accuracy=held_out["accuracy"], eval_truncated_pct=held_out["truncated_pct"])
+    if args.device.startswith("cuda"):  # this step's high-water mark, to compare with the estimate
+        row["peak_mem_gb"] = torch.cuda.max_memory_allocated(args.device) / 1e9
+        torch.cuda.reset_peak_memory_stats(args.device)
+    return row
+
+
+def sample_record(run, step, r):
+    """A rollout for samples.jsonl; a guided one also token by token, with p and its AAS weight p / d."""
+    tok = run.tok
+    rec = {"step": step, "question": r.question, "gold": r.gold, "reward": r.reward, "adv": r.adv,
+           "guided": r.guided, "student": tok.decode(r.response[:r.n_student], skip_special_tokens=True),
+           "teacher": r.teacher_text}
+    if r.guided:
+        g = guided_mask(r, run.args.guide_teacher_tokens_only).bool()  # [T]
+        A = torch.full((len(r.response),), r.adv)  # [T]
+        p = r.old_logp.cpu().exp() if r.old_logp is not None else torch.ones(len(r.response))  # [T]
+        weight = p / aas_d(p, A)  # [T]; exactly 1 where A = 0 (then p is not scored)
+        use = g & ~((A < 0) & (p < 0.01))  # the routing of policy_loss
+        rec.update(tokens=[tok.decode([i]) for i in r.response], n_student=r.n_student,
+                   p=[float(f"{x:.4g}") for x in p.tolist()] if r.old_logp is not None else None,
+                   weight=[float(f"{w:.4g}") if u else None for w, u in zip(weight.tolist(), use.tolist())])
+    return rec
+
+
+def log_step(run, step, rollouts, record):
+    """Append the step's metrics, a few rollouts (guided first) and every teacher reply; returns the metrics."""
+    row = step_metrics(run, step, rollouts, record)
+    with open(os.path.join(run.args.out, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps({k: None if v != v else v for k, v in row.items()}) + "\n")  # NaN -> null
+    shown = ([r for r in rollouts if r.guided] + [r for r in rollouts if not r.guided])[:run.args.log_samples]
+    with open(os.path.join(run.args.out, "samples.jsonl"), "a") as f:
+        for r in shown:
+            f.write(json.dumps(sample_record(run, step, r)) + "\n")
+        for rep in record["replies"]:
+            f.write(json.dumps({"step": step, **rep}) + "\n")
+    return row
+
+
+def release_teacher(run, step):
+    print(f"guidance is over after step {step}: plain GRPO from here on, teacher memory freed")
+    _forget_decoders(run.teacher)
+    run.teacher = None  # the last reference, unless the KL reference shares the weights
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints, Ctrl-C
+@contextlib.contextmanager
+def ctrl_c_saves():
+    """Yields a list that becomes non-empty on Ctrl-C: the loop finishes its step and saves. A second Ctrl-C
+    quits at once."""
+    requested, previous = [], signal.getsignal(signal.SIGINT)
 
     def on_ctrl_c(*_):
-        stop_requested.append(1)
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C quits at once
+        requested.append(1)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         print("\nCtrl-C: finishing this step, then saving (press Ctrl-C again to quit without saving)")
 
-    previous = signal.signal(signal.SIGINT, on_ctrl_c)
-    metrics_path, samples_path = (os.path.join(args.out, n) for n in ("metrics.jsonl", "samples.jsonl"))
+    signal.signal(signal.SIGINT, on_ctrl_c)
     try:
-        bar = tqdm(range(state["step"] + 1, args.steps + 1), desc="train", initial=state["step"], total=args.steps)
-        for step in bar:
-            # 1. prompts: B questions, G copies each, groups contiguous
-            batch = next_questions(problems, args.seed, state["cursor"], args.prompts_per_step)
-            state["cursor"] += args.prompts_per_step
-            items = [{"question": q["question"], "gold": q["gold"], "prompt": q["prompt"], "guided": False}
-                     for q in batch for _ in range(args.group_size)]
-            # 2. student rollouts, one batched call
-            t0 = sync(args.device)
-            responses, finished = generate(student, [it["prompt"] for it in items], args.max_new_tokens, stops,
-                                           pad_id, args.temperature, args.top_p, args.fast, batch=n_roll,
-                                           prompt_len=prompt_width, desc="student")
-            for it, r, f in zip(items, responses, finished):
-                it.update(response=r, finished=f)
-            t1 = sync(args.device)
-            # 3-5. teacher guidance on one finished rollout per group, while the schedule says so
-            pct = 0.0 if teacher is None else guidance_pct(step, args.schedule_steps)
-            chosen = select_for_guidance([it["finished"] for it in items], args.group_size, pct, rng)
-            asked, passed = guide(items, chosen, tok, teacher, teacher_tok, args) if chosen else (0, 0)
-            t2 = sync(args.device)
-            # 6-7. rewards and group advantages
-            for it in items:  # a guided response is graded on its last answer, the teacher's
-                it["text"] = tok.decode(it["response"], skip_special_tokens=True)
-                it["reward"] = reward(it["teacher_text"] if it["guided"] else it["text"], it["finished"], it["gold"])
-            rewards = torch.tensor([it["reward"] for it in items])
-            for it, a in zip(items, group_advantages(rewards, args.group_size).tolist()):
-                it["adv"] = a
-            # 8. old log-probs, then 9. the update
-            old_logp, ref_logp = score_old(student, ref, items, args, pad_id)
-            t3 = sync(args.device)
-            upd = update(student, items, old_logp, ref_logp, opt, params, master, args, pad_id, rng)
-            t4 = sync(args.device)
-            state["step"], state["py_rng"] = step, rng.getstate()
-
-            guided = [it for it in items if it["guided"]]
-            own = [it for it in items if not it["guided"]]
-            spread = rewards.view(-1, args.group_size).std(1)
-            row = {"step": step, "reward": rewards.mean().item(),
-                   "reward_guided": _nanmean([it["reward"] for it in guided]),
-                   "reward_unguided": _nanmean([it["reward"] for it in own]),
-                   "zero_spread_groups": (spread == 0).float().mean().item(),
-                   "guidance_pct": pct, "n_selected": len(chosen), "teacher_asked": asked, "n_guided": len(guided),
-                   "teacher_format_pass": passed / asked if asked else float("nan"),
-                   "response_len": sum(len(it["response"]) for it in items) / len(items),
-                   "finished_frac": sum(it["finished"] for it in items) / len(items),
-                   "reflect_rate": _nanmean([float(bool(REFLECTIVE.search(it["text"]))) for it in own]),
-                   **upd, "t_student": t1 - t0, "t_teacher": t2 - t1, "t_logprob": t3 - t2, "t_update": t4 - t3}
-            if args.eval_every and step % args.eval_every == 0:  # held-out accuracy, in the sampler's shape
-                held_out, _ = evaluate(student, tok, eval_items, stops, pad_id, n_roll, args.max_new_tokens, args.fast)
-                row.update(eval_accuracy=held_out["accuracy"], eval_truncated_pct=held_out["truncated_pct"])
-            if args.device.startswith("cuda"):  # this step's high-water mark, to compare with the estimate
-                row["peak_mem_gb"] = torch.cuda.max_memory_allocated(args.device) / 1e9
-                torch.cuda.reset_peak_memory_stats(args.device)
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps({k: None if v != v else v for k, v in row.items()}) + "\n")  # NaN -> null
-            with open(samples_path, "a") as f:
-                for it in (guided + own)[:args.log_samples]:
-                    n_s = it.get("n_student", len(it["response"]))
-                    f.write(json.dumps({"step": step, "question": it["question"], "gold": it["gold"],
-                                        "reward": it["reward"], "guided": it["guided"],
-                                        "student": tok.decode(it["response"][:n_s], skip_special_tokens=True),
-                                        "teacher": it.get("teacher_text")}) + "\n")
-            bar.set_postfix(reward=f"{row['reward']:.3f}", guided=len(guided), loss=f"{upd['loss']:.4f}")
-            if teacher is not None and guidance_pct(step + 1, args.schedule_steps) == 0:
-                print(f"guidance is over after step {step}: plain GRPO from here on, teacher memory freed")
-                _forget_decoders(teacher)
-                teacher = None  # the last reference, unless the KL reference shares the weights
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-            if step % args.save_every == 0 or step == args.steps or stop_requested:
-                save_checkpoint(args.out, student, tok, opt, master, params, state)
-            if stop_requested:
-                print(f"stopped after step {step}, checkpoint saved; continue with: "
-                      f"python thinktuning.py --resume {args.out}")
-                return False
+        yield requested
     finally:
         signal.signal(signal.SIGINT, previous)
-    return True
 
 
-def _forget_decoders(model):
-    """Drop the static caches and compiled decode steps of a model that will not sample again."""
-    for key in [k for k in _STATIC if k[0] == id(model)]:
-        del _STATIC[key]
+def trainer_state(run):
+    """What a resume needs beyond the model: optimizer, master weights, RNG states, step and data position."""
+    return {**run.state, **run.optim.state_dict(), "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
-def _truncate_metrics(out, step):
+def save_checkpoint(out, model, tok, state):
+    """Write OUT/ckpt via a temporary folder and a rename: an interrupted save never destroys the last one."""
+    final, tmp, old = (os.path.join(out, name) for name in ("ckpt", "ckpt.tmp", "ckpt.old"))
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    torch.save(state, os.path.join(tmp, "trainer_state.pt"))
+    if os.path.exists(final):
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+    os.rename(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def truncate_logs(out, step):
+    """Drop the lines of metrics.jsonl and samples.jsonl logged after `step` (a resume does them again)."""
     for name in ("metrics.jsonl", "samples.jsonl"):
         path = os.path.join(out, name)
         if os.path.exists(path):
@@ -1364,7 +1559,20 @@ def _truncate_metrics(out, step):
             open(path, "w").writelines(lines)
 
 
-# ================================================================================================ 10. evaluation
+def resume_args(parser, argv):
+    """--resume OUT: the saved settings of that run, overridden by the flags given on this command line."""
+    args = parser.parse_args(argv)
+    path = os.path.join(args.resume, "args.json")
+    if not os.path.exists(path):
+        raise UserError(f"--resume {args.resume}: no args.json there (is it the --out folder of a run?)")
+    given = {a.dest for a in parser._actions for tok in argv if tok.split("=")[0] in a.option_strings}
+    saved = json.load(open(path))
+    merged = {**saved, **{k: v for k, v in vars(args).items() if k in given}}
+    merged["out"], merged["resume"] = args.resume, args.resume
+    return argparse.Namespace(**{**vars(args), **merged})
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
 # name -> (Hub dataset, split, config). A path to a local file with the same fields works in place of a name.
 BENCHMARKS = {"gsm8k": ("openai/gsm8k", "test", "main"),
               "math500": ("HuggingFaceH4/MATH-500", "test", None),
@@ -1394,17 +1602,17 @@ def pass_at_k(n, c, k):
     return 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
-def evaluate(model, tok, items, stops, pad_id, batch_size, max_new, fast, k=1, temperature=0.0, desc="eval"):
-    """Generate k samples per item (greedy when k = 1), grade, and return (summary, predictions)."""
-    temperature = temperature if k > 1 else 0.0
+def evaluate(model, tok, items, how, k=1, desc="eval"):
+    """Generate k samples per item (greedy when k = 1), grade, and return (summary, predictions). how.batch
+    is the rows of one generate call (questions x k); the prompt width is the benchmark's longest prompt."""
     prompts = [student_prompt(tok, it["question"]) for it in items]
     order = sorted(range(len(items)), key=lambda i: (len(prompts[i]), i))  # similar lengths share a batch
-    prompt_len = round_up(max(len(p) for p in prompts))  # one static shape for the whole benchmark
-    preds = []
-    for b in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
-        idx = [i for i in order[b:b + batch_size] for _ in range(k)]
-        responses, finished = generate(model, [prompts[i] for i in idx], max_new, stops, pad_id, temperature,
-                                       1.0, fast, batch=batch_size * k, prompt_len=prompt_len, desc="tokens")
+    how = Sampling(how.stops, how.pad_id, how.max_new, how.temperature if k > 1 else 0.0, 1.0, how.fast,
+                   how.batch, round_up(max(len(p) for p in prompts)))  # one static shape for the whole benchmark
+    preds, per_call = [], max(1, how.batch // k)
+    for b in tqdm(range(0, len(order), per_call), desc=desc, leave=False):
+        idx = [i for i in order[b:b + per_call] for _ in range(k)]
+        responses, finished = generate(model, [prompts[i] for i in idx], how, desc="tokens")
         for j, (i, r, f) in enumerate(zip(idx, responses, finished)):
             text = tok.decode(r, skip_special_tokens=True)
             preds.append({"index": i, "sample": j % k, "question": items[i]["question"], "gold": items[i]["gold"],
@@ -1424,8 +1632,8 @@ def evaluate(model, tok, items, stops, pad_id, batch_size, max_new, fast, k=1, t
 
 def eval_table(results):
     keys = sorted({key for r in results.values() for key in r if key.startswith("pass@")})
-    head = "| benchmark | n | accuracy (pass@1, %) | " + "".join(f"{key} (%) | " for key in keys) + \
-        "mean length (tokens) | truncated (%) |"
+    head = ("| benchmark | n | accuracy (pass@1, %) | " + "".join(f"{key} (%) | " for key in keys)
+            + "mean length (tokens) | truncated (%) |")
     lines = [head, "|" + "---|" * (5 + len(keys))]
     for name, r in results.items():
         lines.append(f"| {name} | {r['n']} | {r['accuracy']:.2f} | " + "".join(f"{r[key]:.2f} | " for key in keys)
@@ -1439,20 +1647,18 @@ def run_eval(args):
             for n in names}  # every set is checked before the model is loaded
     tok = load_tokenizer(args.model)
     model = load_model(args.model, args, trainable=False)
-    pad_id = pad_token_id(tok)
-    stops = stop_ids(tok, model)
+    how = Sampling(stop_ids(tok, model), pad_token_id(tok), args.eval_max_new_tokens or args.max_new_tokens,
+                   args.eval_temperature, 1.0, args.fast, batch=args.eval_batch_size * args.eval_samples)
     os.makedirs(args.out, exist_ok=True)
     results, all_preds = {}, []
     for name, items in sets.items():
-        results[name], preds = evaluate(model, tok, items, stops, pad_id, args.eval_batch_size,
-                                        args.eval_max_new_tokens or args.max_new_tokens, args.fast,
-                                        args.eval_samples, args.eval_temperature, desc=name)
+        results[name], preds = evaluate(model, tok, items, how, args.eval_samples, desc=name)
         all_preds += [{"benchmark": name, **p} for p in preds]
     # earlier results in OUT for other benchmarks are kept; the ones evaluated again are replaced
     json_path, samples_path = os.path.join(args.out, "eval.json"), os.path.join(args.out, "eval_samples.jsonl")
     kept = json.load(open(json_path))["results"] if os.path.exists(json_path) else {}
-    kept_preds = [line for line in open(samples_path) if json.loads(line)["benchmark"] not in results] \
-        if os.path.exists(samples_path) else []
+    kept_preds = ([line for line in open(samples_path) if json.loads(line)["benchmark"] not in results]
+                  if os.path.exists(samples_path) else [])
     with open(json_path, "w") as f:
         json.dump({"model": args.model, "samples": args.eval_samples, "temperature": args.eval_temperature,
                    "results": {**kept, **results}}, f, indent=1)
@@ -1481,24 +1687,9 @@ def compare_runs(folders):
     return "\n".join(lines)
 
 
-# ================================================================================================ 11. main
-
-
-def resume_args(parser, argv):
-    """--resume OUT: the saved settings of that run, overridden by the flags given on this command line."""
-    args = parser.parse_args(argv)
-    path = os.path.join(args.resume, "args.json")
-    if not os.path.exists(path):
-        raise UserError(f"--resume {args.resume}: no args.json there (is it the --out folder of a run?)")
-    given = {a.dest for a in parser._actions for tok in argv if tok.split("=")[0] in a.option_strings}
-    saved = json.load(open(path))
-    merged = {**saved, **{k: v for k, v in vars(args).items() if k in given}}
-    merged["out"], merged["resume"] = args.resume, args.resume
-    return argparse.Namespace(**{**vars(args), **merged})
-
-
+# ------------------------------------------------------------------------------------------------ main
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
