@@ -471,6 +471,23 @@ def test_routing_boundary_p_at_threshold_uses_aas():
     assert stats["aas_tokens"] == 1 and loss == pytest.approx(0.02 / (0.02 - 0.00025), rel=1e-9)
 
 
+def test_policy_loss_finite_when_p_underflows():
+    # a teacher-written token with log p = -120: p = exp(-120) is 0 in float32, so sg(p) + gamma(0) = 0. Hand
+    # values, second token p = exp(-0.5): A = 1 -> l = -p / (p + 1/4000); A = -1 -> the first token falls back
+    # to PPO (ratio 1: l = 1, dl/dlogp = 1), the second keeps AAS with d = p - 1/4000; A = 0 -> 0 everywhere.
+    p = math.exp(-0.5)
+    want = {1.0: (-p / (p + 0.00025) / 2, [0.0, -p / (p + 0.00025) / 2]),
+            -1.0: ((1 + p / (p - 0.00025)) / 2, [0.5, p / (p - 0.00025) / 2]),
+            0.0: (0.0, [0.0, 0.0])}
+    for adv, (loss_want, grad_want) in want.items():
+        logp = torch.tensor([[-120.0, -0.5]], requires_grad=True)
+        loss, _ = tt.policy_loss(logp, logp.detach().clone(), torch.tensor([adv]), torch.ones(1, 2),
+                                 torch.ones(1, 2))
+        loss.backward()
+        assert loss.item() == pytest.approx(loss_want, rel=1e-6, abs=1e-12), adv
+        assert logp.grad[0].tolist() == pytest.approx(grad_want, rel=1e-6, abs=1e-12), adv
+
+
 def test_policy_loss_token_mean_and_mask():
     # two rows, one padded: the loss is the sum over real tokens divided by their count (3), not by 4 or 2
     logp = torch.log(torch.tensor([[0.5, 0.5], [0.5, 0.9]], dtype=torch.float64)).requires_grad_()
@@ -855,6 +872,53 @@ def test_static_cache_release_and_reuse(tok):
     torch.manual_seed(1)
     again = tt.generate_static(model, prompts, tt.Sampling(stops, tok.pad_token_id, 10, 1.0, 1.0, batch=2, prompt_len=8))
     assert first == again
+
+
+def _update_once(tok, rollouts, monkeypatch, compute_all):
+    """Parameters and AdamW state after one update of a fresh copy of the same model (old log-probs from
+    score_old), with rows of A = 0 skipped or, as a reference, every row scored and back-propagated."""
+    model = make_model(tok, seed=9)
+    args = type("A", (), {"minibatches": 2, "temperature": 1.0, "clip_eps": 0.2, "dual_clip": 3.0, "kl_beta": 0.0,
+                          "grad_clip": 1.0, "micro_batch": 2, "guide_teacher_tokens_only": False})()
+    with monkeypatch.context() as m:
+        if compute_all:
+            m.setattr(tt, "moves_weights", lambda rollout, args: True)
+        items = [tt.Rollout(r.question, r.gold, r.prompt, r.response, r.finished, r.guided, r.n_student, adv=r.adv)
+                 for r in rollouts]
+        tt.score_old(model, None, items, args)
+        optim = tt.MasterAdamW(model, 1e-3, 0.01)
+        tt.update(model, items, optim, args, random.Random(0))
+    return [p.detach().clone() for p in model.parameters()], optim.opt.state_dict()["state"]
+
+
+def test_update_skips_rows_with_zero_advantage_exactly(tok, monkeypatch):
+    # groups of 2: one with spread (A = +-0.707), one all-equal (A = 0: skipped), guided rows, mixed lengths
+    rollouts = [rollout([20, 21, 22, 1], [0, 3, 9, 1, 0, 4], adv=0.7071), rollout([30, 1], adv=-0.7071),
+                rollout([25, 26, 27, 28, 29, 1], [0, 5, 1, 0, 4], adv=0.0, guided=True, n_student=2),
+                rollout([35, 36, 1], [0, 6, 1, 0, 4], adv=0.0),
+                rollout([40, 41, 42, 1], [0, 7, 1, 0, 4], adv=-0.7071, guided=True, n_student=1),
+                rollout([43, 1], adv=0.7071), rollout([44, 45, 1], adv=0.0), rollout([46, 1], adv=0.0)]
+    skipped, state = _update_once(tok, rollouts, monkeypatch, compute_all=False)
+    every, state_every = _update_once(tok, rollouts, monkeypatch, compute_all=True)
+    start = [p.detach() for p in make_model(tok, seed=9).parameters()]
+    assert any(not torch.equal(a, b) for a, b in zip(skipped, start))  # the step moved the weights
+    assert all(torch.allclose(a, b, atol=1e-7, rtol=0) for a, b in zip(skipped, every))
+    for key in state_every:
+        for name in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.allclose(state[key][name], state_every[key][name], atol=1e-9, rtol=1e-5)
+
+
+def test_update_with_all_zero_advantages_still_decays_the_weights(tok, monkeypatch):
+    # every row has A = 0: no forward, no backward, yet each of the 2 AdamW steps applies weight decay (the
+    # gradient is zero, so Adam's update is 0/(0 + eps) = 0): w <- w (1 - lr wd) twice
+    rollouts = [rollout([20, 21, 1], adv=0.0), rollout([30, 1], adv=0.0, guided=True, n_student=1),
+                rollout([31, 32, 33, 1], adv=0.0), rollout([34, 1], adv=0.0)]
+    skipped, state = _update_once(tok, rollouts, monkeypatch, compute_all=False)
+    every, _ = _update_once(tok, rollouts, monkeypatch, compute_all=True)
+    start = [p.detach() for p in make_model(tok, seed=9).parameters()]
+    for a, b, w in zip(skipped, every, start):
+        assert torch.equal(a, b) and torch.allclose(a, w * (1 - 1e-3 * 0.01) ** 2, atol=1e-8, rtol=1e-6)
+    assert all(int(s["step"]) == 2 for s in state.values())
 
 
 def test_micro_batches_add_up_to_the_mini_batch_token_mean(tok, monkeypatch):
