@@ -330,7 +330,7 @@ def test_grade_cases(response, gold, expected):
     assert tt.grade(response, gold) is expected
 
 
-def test_grader_case_balance():
+def test_grade_case_balance():
     right = sum(e for *_, e in GRADER_CASES)
     assert len(GRADER_CASES) >= 150 and 0.4 < right / len(GRADER_CASES) < 0.6
 
@@ -357,7 +357,7 @@ def test_to_number_exact():
     assert tt.to_number("\\sqrt{2}") is None
 
 
-def test_grader_fuzz_no_exceptions_and_bounded_time():
+def test_grade_fuzz_no_exceptions_and_bounded_time():
     rnd = random.Random(1234)
     pieces = ["\\boxed{", "\\boxed ", "\\fbox{", "{", "}", "{{", "}}", "1", "22", "3.5", "1,000", "\\frac", "x=",
               " or ", "The answer is ", "Final Answer:", "####", ". ", "\n", "$", "\\text{", "(", ")", "[", "]",
@@ -423,7 +423,7 @@ def one_token(logp, old_logp, adv, guided):
     (-1.0, 5.0, 3.0),   # A < 0, ratio far above: dual clip caps the loss at -A * c = 3
     (-2.0, 2.0, 4.0),   # A < 0, ratio 2 < c: max(4, 2.4) = 4, below the dual-clip cap 6
 ])
-def test_ppo_branches(adv, ratio, expected):
+def test_policy_loss_ppo_branches(adv, ratio, expected):
     loss, grad, _ = one_token(math.log(0.3 * ratio), math.log(0.3), adv, False)
     assert loss == pytest.approx(expected, rel=1e-9)
     # gradient: -A * ratio when the unclipped term is active, 0 when clipped
@@ -438,7 +438,7 @@ def test_ppo_branches(adv, ratio, expected):
     (-8.0, 0.2, -0.001),     # clipped at -0.001
     (1.0, 0.005, 0.00025),   # unlikely token, A > 0: AAS still applies (it damps the push)
 ])
-def test_aas_loss_and_gradient(adv, p, gamma):
+def test_policy_loss_aas_value_and_gradient(adv, p, gamma):
     old = math.log(0.9)  # AAS ignores the old log-prob: no ratio, no clip
     loss, grad, stats = one_token(math.log(p), old, adv, True)
     assert loss == pytest.approx(-adv * p / (p + gamma), rel=1e-9)
@@ -451,14 +451,14 @@ def test_aas_gamma_values():
     assert torch.allclose(got, torch.tensor([-0.001, -0.0005, 0.0, 0.0001, 0.001, 0.001]))
 
 
-def test_aas_denominator_above_one():
+def test_policy_loss_aas_denominator_above_one():
     # p = 0.9995, A = 4: p + gamma = 1.0005 > 1, so d = p / 0.9999 and the loss is -A * 0.9999
     loss, grad, _ = one_token(math.log(0.9995), 0.0, 4.0, True)
     assert loss == pytest.approx(-4 * 0.9999, rel=1e-9)
     assert grad == pytest.approx(-4 * 0.9999, rel=1e-9)
 
 
-def test_routing_rule_falls_back_to_ppo():
+def test_policy_loss_routing_falls_back_to_ppo():
     # guided, A < 0 and p < 0.01: PPO with the ratio, not AAS
     loss, grad, stats = one_token(math.log(0.005), math.log(0.004), -1.0, True)
     assert stats["aas_tokens"] == 0
@@ -466,7 +466,7 @@ def test_routing_rule_falls_back_to_ppo():
     assert grad == pytest.approx(1.25, rel=1e-9)
 
 
-def test_routing_boundary_p_at_threshold_uses_aas():
+def test_policy_loss_routing_boundary_p_at_threshold_uses_aas():
     loss, _, stats = one_token(math.log(0.02), math.log(0.02), -1.0, True)
     assert stats["aas_tokens"] == 1 and loss == pytest.approx(0.02 / (0.02 - 0.00025), rel=1e-9)
 
@@ -541,7 +541,7 @@ def test_kl_k3_by_hand():
 
 
 # --------------------------------------------------------------------------------------------- schedule, selection
-def test_guidance_schedule_authors_setting():
+def test_guidance_pct_authors_setting():
     on = [s for s in range(1, 59) if tt.guidance_pct(s, 50) > 0]
     assert on == list(range(1, 9))
     assert tt.guidance_pct(1, 50) == pytest.approx(0.1)
@@ -549,12 +549,12 @@ def test_guidance_schedule_authors_setting():
     assert tt.guidance_pct(8, 50) == pytest.approx(0.1 - 0.09 * 7 / 16)
 
 
-def test_guidance_schedule_short_runs():
+def test_guidance_pct_short_runs():
     assert [tt.guidance_pct(s, 2) for s in (1, 2, 3)] == [pytest.approx(0.1), 0.0, 0.0]  # Q = 1
     assert tt.guidance_pct(1, 1) == pytest.approx(0.1)
 
 
-def test_selection_only_among_finished():
+def test_select_for_guidance_only_among_finished():
     finished = [False, True, False, True, True,   # group 0: 3 finished
                 False, False, False, False, False,  # group 1: none -> no guidance
                 True, False, False, False, False]  # group 2: only index 10
@@ -565,7 +565,7 @@ def test_selection_only_among_finished():
     assert tt.select_for_guidance(finished, 5, 0.0, rng) == []
 
 
-def test_selection_count_follows_pct():
+def test_select_for_guidance_count_follows_pct():
     chosen = tt.select_for_guidance([True] * 40, 40, 0.1, random.Random(0))
     assert len(chosen) == 4 and len(set(chosen)) == 4  # floor(40 * 0.1)
     assert len(tt.select_for_guidance([True] * 40, 40, 0.01, random.Random(0))) == 1  # max(1, floor(0.4))
@@ -726,7 +726,7 @@ def test_score_old_returns_each_rollouts_own_logprobs(tok):
     assert [it.ref_logp for it in items] == [None] * len(items)
 
 
-def test_trainable_model_has_no_dropout(tok, tmp_path):
+def test_load_model_trainable_has_no_dropout(tok, tmp_path):
     # the update runs in train mode; with dropout its log-probs would differ from the old ones (ratio != 1)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, attention_dropout=0.9,
@@ -754,7 +754,7 @@ def test_right_pad_layout(tok):
 
 # --------------------------------------------------------------------------------------------- samplers
 @pytest.mark.parametrize("temperature,top_p", [(0.0, 1.0), (1.0, 1.0), (0.7, 0.9)])
-def test_static_sampler_matches_generate(tok, temperature, top_p):
+def test_generate_static_matches_generate_plain(tok, temperature, top_p):
     model = make_model(tok, seed=3)
     prompts = [[0, 3, 9, 1, 0, 4], [0, 3, 10, 11, 12, 13, 14, 1, 0, 4], [0, 4]]
     stops = [tok.eos_token_id]
@@ -768,7 +768,7 @@ def test_static_sampler_matches_generate(tok, temperature, top_p):
         assert len({tuple(r) for r in plain}) > 1
 
 
-def test_plain_sampler_ignores_the_checkpoints_sampling_defaults(tok):
+def test_generate_plain_ignores_the_checkpoints_sampling_defaults(tok):
     # a checkpoint's generation_config may carry top_k, min_p or a repetition penalty (many instruct models
     # do); rollouts must come from the policy itself at --temperature / --top-p, as the fast path samples them
     model = make_model(tok, seed=3)
@@ -784,7 +784,7 @@ def test_plain_sampler_ignores_the_checkpoints_sampling_defaults(tok):
     assert model.generation_config.top_k == 2 and model.generation_config.min_p == 0.3  # handed back intact
 
 
-def test_static_sampler_without_any_padding(tok):
+def test_generate_static_without_any_padding(tok):
     # equal-length prompts and a cache exactly that long: no row is padded, so only the causal mask keeps the
     # decode step from attending to cache slots not written yet (transformers may skip an all-ones mask)
     model = make_model(tok, seed=3)
@@ -795,7 +795,7 @@ def test_static_sampler_without_any_padding(tok):
         assert fast == plain
 
 
-def test_compiled_decode_step_matches_generate(tok):
+def test_static_decoder_compiled_step_samples_as_generate_plain(tok):
     # the GPU path compiles the one-token step; inductor compiles it on the CPU too (CUDA graphs aside)
     model = make_model(tok, seed=3)
     prompts, stops = [[0, 3, 9, 1, 0, 4], [0, 3, 10, 11, 12, 13, 14, 1, 0, 4], [0, 4]], [tok.eos_token_id]
@@ -844,7 +844,7 @@ def _decode_step_shapes(model, tok, B=2, P=8, new=3):
     return shapes
 
 
-def test_compiled_decode_step_reads_kv_cache_once(tok, monkeypatch):
+def test_decode_attention_compiled_step_reads_kv_cache_once(tok, monkeypatch):
     # the speed claim behind decode_attention: the compiled step never copies the cache to every query head.
     # 4 query heads share 2 KV heads (head dim 8); the cache has 2 rows x 11 slots.
     repeated, own = (2, 4, 11, 8), (2, 2, 11, 8)  # [B, H, L, D] would be the repeated cache; [B, KVH, L, D] is it
@@ -862,7 +862,7 @@ def test_decode_attention_does_not_leak_into_checkpoints(tok, tmp_path):
     assert AutoModelForCausalLM.from_pretrained(tmp_path).config._attn_implementation == "sdpa"
 
 
-def test_static_cache_release_and_reuse(tok):
+def test_release_static_cache_and_reuse(tok):
     # on the GPU the cache's tensors are freed after every call; the next call must allocate them again
     model = make_model(tok, seed=4)
     prompts, stops = [[0, 3, 9, 1, 0, 4], [0, 4]], [tok.eos_token_id]
@@ -921,7 +921,7 @@ def test_update_with_all_zero_advantages_still_decays_the_weights(tok, monkeypat
     assert all(int(s["step"]) == 2 for s in state.values())
 
 
-def test_micro_batches_add_up_to_the_mini_batch_token_mean(tok, monkeypatch):
+def test_token_share_micro_batches_add_up_to_the_mini_batch_token_mean(tok, monkeypatch):
     # L = sum(m * l) / sum(m) over the whole mini-batch: accumulating micro-batches of 1 or 2 rows must give
     # the gradient of one forward over all rows (rows of different lengths, guided and not, some ratios clipped)
     model = make_model(tok, seed=8)
@@ -983,7 +983,7 @@ def test_teacher_rows_bound_the_guided_rollouts(group_size, rows_per_prompt):
     assert len(tt.select_for_guidance([True] * 7 * group_size, group_size, 0.1, rng)) == 7 * rows_per_prompt
 
 
-def test_chunked_master_weight_step_matches_plain_adamw(tok):
+def test_master_adamw_chunked_step_matches_plain_adamw(tok):
     # bf16 model with fp32 master weights, stepped in small chunks, against AdamW + clip_grad_norm_ on fp32
     model = make_model(tok, seed=5).to(torch.bfloat16)
     params = list(model.parameters())
@@ -1006,7 +1006,7 @@ def test_chunked_master_weight_step_matches_plain_adamw(tok):
         assert torch.allclose(r, m, atol=1e-7) and torch.equal(p, m.to(torch.bfloat16)) and p.grad is None
 
 
-def test_sampler_stops_at_eos_with_bigram_model(tok):
+def test_generate_stops_at_eos_with_bigram_model(tok):
     model = make_bigram_model(tok)
     prompt = tt.render_chat(tok, [{"role": "user", "content": "w1 is 2 + 3"}])
     for fast in (False, True):
@@ -1030,7 +1030,7 @@ def weights(path):
     return torch.cat([p.detach().flatten() for p in m.parameters()])
 
 
-def test_two_training_steps_with_teacher(model_dirs, train_file, tmp_path):
+def test_end_to_end_two_steps_with_teacher(model_dirs, train_file, tmp_path):
     out = tmp_path / "tt"
     assert run(base_args(model_dirs["bigram"], train_file, out, "--log-samples", 8)) == 0
     rows = read_jsonl(out / "metrics.jsonl")
@@ -1059,7 +1059,7 @@ def test_two_training_steps_with_teacher(model_dirs, train_file, tmp_path):
     assert moved > 0
 
 
-def test_two_training_steps_without_teacher(model_dirs, train_file, tmp_path):
+def test_end_to_end_two_steps_without_teacher(model_dirs, train_file, tmp_path):
     out = tmp_path / "grpo"
     assert run(base_args(model_dirs["bigram"], train_file, out, "--no-teacher")) == 0
     rows = read_jsonl(out / "metrics.jsonl")
@@ -1067,7 +1067,7 @@ def test_two_training_steps_without_teacher(model_dirs, train_file, tmp_path):
     assert all(r["guidance_pct"] == 0 for r in rows)
 
 
-def test_start_up_warns_when_the_disk_cannot_hold_a_checkpoint(model_dirs, train_file, tmp_path, capsys,
+def test_end_to_end_start_up_warns_when_the_disk_cannot_hold_a_checkpoint(model_dirs, train_file, tmp_path, capsys,
                                                                monkeypatch):
     assert run(base_args(model_dirs["random"], train_file, tmp_path / "a", "--no-teacher", "--steps", 1)) == 0
     out = capsys.readouterr().out
@@ -1080,7 +1080,7 @@ def test_start_up_warns_when_the_disk_cannot_hold_a_checkpoint(model_dirs, train
         assert ("note: not enough free disk for a checkpoint" in capsys.readouterr().out) == warned
 
 
-def test_memory_estimate_and_gpu_warning_by_hand(tok, tmp_path, monkeypatch, capsys):
+def test_print_plan_memory_estimate_and_gpu_warning_by_hand(tok, tmp_path, monkeypatch, capsys):
     # tiny fp32 model: 25,056 parameters; K and V take 2 layers x 2 KV heads x 8 dims x 2 x 4 bytes = 256 bytes
     # per slot. Stays: 25,056 x 12 (weights + AdamW) + 25,056 x 4 (frozen teacher) = 400,896. Comes and goes:
     # student KV 256 x 8 rows x (64 + 20) = 172,032; teacher KV 256 x 2 rows x (3072 + 1024) = 2,097,152;
@@ -1098,14 +1098,14 @@ def test_memory_estimate_and_gpu_warning_by_hand(tok, tmp_path, monkeypatch, cap
         assert ("more than this GPU" in capsys.readouterr().out) == warned
 
 
-def test_kl_penalty_uses_the_frozen_initial_model(model_dirs, train_file, tmp_path):
+def test_end_to_end_kl_penalty_uses_the_frozen_initial_model(model_dirs, train_file, tmp_path):
     out = tmp_path / "kl"
     assert run(base_args(model_dirs["bigram"], train_file, out, "--kl-beta", 0.1, "--lr", 1e-3)) == 0
     kl = [r["kl"] for r in read_jsonl(out / "metrics.jsonl")]
     assert all(k >= 0 for k in kl) and kl[1] > 0  # the student has moved away from the reference by step 2
 
 
-def test_teacher_is_freed_when_guidance_ends(model_dirs, train_file, tmp_path, capsys):
+def test_end_to_end_teacher_is_freed_when_guidance_ends(model_dirs, train_file, tmp_path, capsys):
     out = tmp_path / "sched"
     assert run(base_args(model_dirs["bigram"], train_file, out, "--schedule-steps", 2)) == 0  # Q = 1: step 1 only
     assert "guidance is over after step 1" in capsys.readouterr().out
@@ -1115,7 +1115,7 @@ def test_teacher_is_freed_when_guidance_ends(model_dirs, train_file, tmp_path, c
     assert "ThinkTuning (guidance over)" in capsys.readouterr().out
 
 
-def test_resume_reproduces_uninterrupted_run(model_dirs, train_file, tmp_path):
+def test_end_to_end_resume_reproduces_uninterrupted_run(model_dirs, train_file, tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
     assert run(base_args(model_dirs["bigram"], train_file, full)) == 0
     assert run(base_args(model_dirs["bigram"], train_file, part) + ["--steps", 1]) == 0
@@ -1131,7 +1131,7 @@ def test_resume_reproduces_uninterrupted_run(model_dirs, train_file, tmp_path):
     assert len(read_jsonl(part / "metrics.jsonl")) == 2
 
 
-def test_ctrl_c_finishes_the_step_and_saves(model_dirs, train_file, tmp_path):
+def test_end_to_end_ctrl_c_finishes_the_step_and_saves(model_dirs, train_file, tmp_path):
     out = tmp_path / "int"
     cmd = [sys.executable, tt.__file__] + [str(a) for a in base_args(model_dirs["random"], train_file, out,
                                                                    "--no-teacher", "--steps", 100000)]
@@ -1147,7 +1147,7 @@ def test_ctrl_c_finishes_the_step_and_saves(model_dirs, train_file, tmp_path):
     assert saved["step"] == steps[-1] == len(steps) and saved["cursor"] == 2 * len(steps)
 
 
-def test_interrupted_save_keeps_previous_checkpoint(model_dirs, train_file, tmp_path, monkeypatch):
+def test_end_to_end_interrupted_save_keeps_previous_checkpoint(model_dirs, train_file, tmp_path, monkeypatch):
     out = tmp_path / "save"
     assert run(base_args(model_dirs["random"], train_file, out, "--no-teacher", "--steps", 1)) == 0
     before = weights(out / "ckpt")
@@ -1168,7 +1168,7 @@ def test_interrupted_save_keeps_previous_checkpoint(model_dirs, train_file, tmp_
     (["--minibatches", 3], "--minibatches 3 must divide the 8 rollouts"),
     (["--device", "cuda"], "no CUDA GPU"),
 ])
-def test_bad_settings_fail_in_one_line(model_dirs, train_file, tmp_path, capsys, extra, needle):
+def test_check_args_bad_settings_fail_in_one_line(model_dirs, train_file, tmp_path, capsys, extra, needle):
     if extra[0] == "--device" and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     assert run(base_args(model_dirs["random"], train_file, tmp_path / "x") + extra) == 2
@@ -1176,7 +1176,7 @@ def test_bad_settings_fail_in_one_line(model_dirs, train_file, tmp_path, capsys,
     assert needle in err and len(err.splitlines()) == 1
 
 
-def test_bad_data_fails_before_loading_a_model(tmp_path, capsys):
+def test_to_problems_bad_data_fails_before_loading_a_model(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"text": "no question here"}) + "\n")
     # the model name does not exist: reaching it would fail differently, so the data error came first
@@ -1187,7 +1187,7 @@ def test_bad_data_fails_before_loading_a_model(tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
 
 
-def test_existing_run_is_never_overwritten(model_dirs, train_file, tmp_path, capsys):
+def test_end_to_end_existing_run_is_never_overwritten(model_dirs, train_file, tmp_path, capsys):
     out = tmp_path / "keep"
     assert run(base_args(model_dirs["random"], train_file, out, "--no-teacher", "--steps", 1)) == 0
     before = (out / "metrics.jsonl").read_text()
@@ -1195,14 +1195,14 @@ def test_existing_run_is_never_overwritten(model_dirs, train_file, tmp_path, cap
     assert "--resume" in capsys.readouterr().err and (out / "metrics.jsonl").read_text() == before
 
 
-def test_unknown_model_fails_in_one_line(train_file, tmp_path, capsys):
+def test_load_tokenizer_unknown_model_fails_in_one_line(train_file, tmp_path, capsys):
     assert run(["--model", "no-such-org/no-such-model", "--train-data", train_file, "--device", "cpu",
                 "--out", tmp_path / "x"]) == 2
     err = capsys.readouterr().err.strip()
     assert "could not load model 'no-such-org/no-such-model'" in err and len(err.splitlines()) == 1
 
 
-def test_non_finite_loss_skips_the_update(model_dirs, train_file, tmp_path, monkeypatch):
+def test_end_to_end_non_finite_loss_skips_the_update(model_dirs, train_file, tmp_path, monkeypatch):
     real = tt.policy_loss
     monkeypatch.setattr(tt, "policy_loss", lambda *a, **k: (real(*a, **k)[0] * float("nan"), real(*a, **k)[1]))
     monkeypatch.setattr(tt, "moves_weights", lambda rollout, args: True)  # compute every row, also A = 0
@@ -1220,7 +1220,7 @@ def test_pass_at_k_by_hand():
     assert tt.pass_at_k(10, 3, 5) == pytest.approx(1 - 21 / 252)  # C(7,5) = 21, C(10,5) = 252
 
 
-def test_gpqa_shuffle_is_deterministic_and_letters_map():
+def test_gpqa_item_shuffle_is_deterministic_and_letters_map():
     row = {"Question": "Which is a noble gas?", "Correct Answer": "Argon", "Incorrect Answer 1": "Sodium",
            "Incorrect Answer 2": "Chlorine", "Incorrect Answer 3": "Iron"}
     a, b = tt.gpqa_item(row), tt.gpqa_item(dict(row))
@@ -1231,7 +1231,7 @@ def test_gpqa_shuffle_is_deterministic_and_letters_map():
     assert golds == set("ABCD")  # the seed differs per question
 
 
-def test_eval_counts_and_table(model_dirs, tmp_path, capsys):
+def test_end_to_end_eval_counts_and_table(model_dirs, tmp_path, capsys):
     # the bigram model always answers \boxed{5}: items with gold 5 are right, the others wrong
     a = tmp_path / "mini_a.jsonl"
     a.write_text("".join(json.dumps({"question": f"w{i} is", "answer": f"#### {g}"}) + "\n"
@@ -1261,7 +1261,7 @@ def test_eval_counts_and_table(model_dirs, tmp_path, capsys):
     assert res["pass@2"] == pytest.approx(100 * sum(c > 0 for c in per_q) / 3)
 
 
-def test_eval_every_logs_accuracy(model_dirs, train_file, tmp_path):
+def test_end_to_end_eval_every_logs_accuracy(model_dirs, train_file, tmp_path):
     out = tmp_path / "ee"
     assert run(base_args(model_dirs["bigram"], train_file, out, "--no-teacher", "--steps", 1, "--eval-every", 1,
                          "--eval-data", train_file, "--eval-every-limit", 4)) == 0
@@ -1270,7 +1270,7 @@ def test_eval_every_logs_accuracy(model_dirs, train_file, tmp_path):
     assert row["eval_accuracy"] == 50.0 and row["eval_truncated_pct"] == 0.0
 
 
-def test_compare_table(tmp_path, capsys):
+def test_compare_runs_table(tmp_path, capsys):
     for name, acc in (("zero-shot", 40.0), ("tt", 47.5)):
         (tmp_path / name).mkdir()
         (tmp_path / name / "eval.json").write_text(json.dumps({"results": {
@@ -1282,7 +1282,7 @@ def test_compare_table(tmp_path, capsys):
     assert run(["--compare", str(tmp_path / "missing")]) == 2
 
 
-def test_data_stream_wraps_epochs_with_fresh_shuffles():
+def test_next_questions_wraps_epochs_with_fresh_shuffles():
     problems = [{"question": str(i)} for i in range(5)]
     stream = [q["question"] for q in tt.next_questions(problems, 0, 0, 15)]
     epochs = [stream[0:5], stream[5:10], stream[10:15]]
@@ -1296,7 +1296,7 @@ def test_gold_from_answer():
     assert tt.gold_from_answer("\\frac{1}{2}") == "\\frac{1}{2}"
 
 
-def test_out_of_memory_names_the_flags(monkeypatch, capsys, train_file):
+def test_main_out_of_memory_names_the_flags(monkeypatch, capsys, train_file):
     def oom(args):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")
     monkeypatch.setattr(tt, "train", oom)
@@ -1305,12 +1305,12 @@ def test_out_of_memory_names_the_flags(monkeypatch, capsys, train_file):
     assert "--micro-batch" in err and "--prompts-per-step" in err and len(err.splitlines()) == 1
 
 
-def test_unknown_benchmark_lists_the_names(capsys):
+def test_load_benchmark_unknown_name_lists_the_names(capsys):
     assert run(["--model", "x", "--eval", "gsm8", "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip()
     assert "unknown benchmark 'gsm8'" in err and "math500" in err and len(err.splitlines()) == 1
 
 
-def test_gpqa_unreachable_says_how_to_get_it():
+def test_load_benchmark_gpqa_unreachable_says_how_to_get_it():
     with pytest.raises(tt.UserError, match="gated"):
         tt.load_benchmark("gpqa")
