@@ -3,6 +3,9 @@
 Expected values are worked out by hand (or by an independent formula written here), never taken from the
 function under test.
 """
+import ast
+import functools
+import inspect
 import json
 import math
 import os
@@ -23,6 +26,57 @@ from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerF
 import thinktuning as tt  # noqa: E402
 
 torch.set_num_threads(2)
+
+# --------------------------------------------------------------------------------------------- exercises
+# In a handout (python thinktuning.py --exercise NAME > handout/thinktuning.py) some functions are stubs. A unit
+# test that reaches a stub other than the one it tests is skipped, so that `pytest -k NAME` goes green exactly
+# when NAME is written; end-to-end tests are never skipped: they are the integration gate.
+STUB = "exercise: write"
+
+
+def _names_used(tree, prefix=""):
+    """Module-level names a syntax tree refers to: `tt.x` as 'tt.x', bare names as prefix + name."""
+    out = set()
+    for x in ast.walk(tree):
+        if isinstance(x, ast.Attribute) and isinstance(x.value, ast.Name) and x.value.id == "tt":
+            out.add("tt." + x.attr)
+        elif isinstance(x, ast.Name):
+            out.add(prefix + x.id)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _call_graph():
+    """Who refers to whom, over the functions of thinktuning.py ('tt.x') and of this file (bare names)."""
+    graph = {}
+    for module, prefix in ((tt, "tt."), (sys.modules[__name__], "")):
+        for node in ast.parse(inspect.getsource(module)).body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                graph[prefix + node.name] = _names_used(node, prefix)
+    return graph
+
+
+@functools.lru_cache(maxsize=None)
+def _stubs():
+    return frozenset(n for n in tt.EXERCISES if STUB in inspect.getsource(getattr(tt, n)))
+
+
+@pytest.fixture(autouse=True)
+def _skip_when_another_exercise_is_a_stub(request):
+    stubs = _stubs()
+    name = request.node.originalname
+    if not stubs or "end_to_end" in name:
+        return
+    graph, seen, todo = _call_graph(), set(), [name]
+    while todo:
+        n = todo.pop()
+        if n not in seen:
+            seen.add(n)
+            todo += graph.get(n, ())
+    missing = sorted(s for s in stubs if "tt." + s in seen and not name.startswith(f"test_{s}_"))
+    if missing:
+        pytest.skip(f"needs {', '.join(missing)}, an exercise not written yet")
+
 
 # --------------------------------------------------------------------------------------------- fixtures
 CHAT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -1314,3 +1368,79 @@ def test_load_benchmark_unknown_name_lists_the_names(capsys):
 def test_load_benchmark_gpqa_unreachable_says_how_to_get_it():
     with pytest.raises(tt.UserError, match="gated"):
         tt.load_benchmark("gpqa")
+
+
+# --------------------------------------------------------------------------------------------- course kit
+HANDOUT_CHECK = r"""
+import json, os, shutil, sys
+import pytest
+here, root, names = sys.argv[1], sys.argv[2], sys.argv[3].split(",")
+
+
+class Outcomes:  # a pytest plugin that records the outcome of every test's call
+    def __init__(self):
+        self.seen = {}
+
+    def pytest_runtest_logreport(self, report):
+        if report.when == "call" or report.outcome != "passed":
+            self.seen[report.nodeid.split("::")[-1]] = report.outcome
+
+
+def run(folder, selector):
+    for name in ("thinktuning", "test_thinktuning"):
+        sys.modules.pop(name, None)
+    sys.path.insert(0, folder)
+    rec = Outcomes()
+    pytest.main(["-q", "-p", "no:cacheprovider", "-p", "no:warnings", "-k", selector,
+                 os.path.join(folder, "test_thinktuning.py")], plugins=[rec])
+    sys.path.remove(folder)
+    return rec.seen
+
+
+out = {"reference": run(here, " or ".join(names))}
+for name in names:
+    folder = os.path.join(root, name)
+    os.makedirs(folder)
+    shutil.copy(os.path.join(here, "test_thinktuning.py"), folder)
+    sys.modules.pop("thinktuning", None)
+    sys.path.insert(0, here)
+    import thinktuning
+    sys.path.remove(here)
+    with open(os.path.join(folder, "thinktuning.py"), "w") as f:
+        f.write(thinktuning.handout([name]))
+    out[name] = run(folder, name)
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_end_to_end_handouts_fail_exactly_their_exercises_tests(tmp_path):
+    # every exercise: its handout imports, the tests `-k NAME` selects fail on it and pass on the reference
+    here = os.path.dirname(os.path.abspath(tt.__file__))
+    script = tmp_path / "check.py"
+    script.write_text(HANDOUT_CHECK)
+    proc = subprocess.run([sys.executable, str(script), here, str(tmp_path), ",".join(tt.EXERCISES)],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    result = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    reference = result.pop("reference")
+    assert reference and set(reference.values()) == {"passed"}, reference
+    for name in tt.EXERCISES:
+        selected = result[name]
+        assert selected and all(t.startswith(f"test_{name}_") for t in selected), (name, selected)
+        assert set(selected.values()) == {"failed"}, (name, selected)
+        assert {t for t in reference if t.startswith(f"test_{name}_")} == set(selected), name
+
+
+def test_end_to_end_handout_of_every_exercise_still_runs(tmp_path, capsys):
+    assert run(["--exercise", ",".join(tt.EXERCISES)]) == 0
+    text = capsys.readouterr().out
+    (tmp_path / "thinktuning.py").write_text(text)
+    assert all(f'    raise NotImplementedError("exercise: write {name} (README' in text for name in tt.EXERCISES)
+    assert "return (adv / 4000).clamp" not in text and '"""gamma(A) = clip(A / 4000' in text  # docstrings stay
+    proc = subprocess.run([sys.executable, str(tmp_path / "thinktuning.py"), "--help"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and "--exercise" in proc.stdout
+    assert run(["--exercise", "policy_loss,nope"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "unknown exercise nope" in err and "group_advantages" in err and len(err.splitlines()) == 1
+    assert run(["--exercise", "list"]) == 0
+    assert "policy_loss          pytest test_thinktuning.py -k policy_loss" in capsys.readouterr().out
