@@ -766,7 +766,7 @@ def test_score_old_returns_each_rollouts_own_logprobs(tok):
     items = [rollout([20, 21, 22, 23, 24, 1], [0, 3, 9, 1, 0, 4], adv=1.0), rollout([30], [0, 4], adv=-1.0),
              rollout([25, 26, 1], [0, 3, 10, 11, 12, 1, 0, 4], adv=0.5),
              rollout([27, 28, 29, 31, 32, 33, 34], [0, 5, 1, 0, 4], adv=2.0), rollout([35, 36], [0, 6, 1, 0, 4], adv=-1)]
-    args = type("A", (), {"micro_batch": 2, "temperature": 0.7, "kl_beta": 0.0})()
+    args = type("A", (), {"micro_batch": 1, "temperature": 0.7, "kl_beta": 0.0})()  # 4 rows per forward
     tt.score_old(student, ref, items, args)
     for it in items:
         lp, lr = it.old_logp, it.ref_logp
@@ -838,6 +838,20 @@ def test_generate_plain_ignores_the_checkpoints_sampling_defaults(tok):
     assert model.generation_config.top_k == 2 and model.generation_config.min_p == 0.3  # handed back intact
 
 
+def test_generate_static_prefills_in_chunks(tok, monkeypatch):
+    # prompts of 10 columns prefilled 3 columns at a time sample the same tokens as generate_plain
+    monkeypatch.setattr(tt, "PREFILL_CHUNK", 3)
+    model = make_model(tok, seed=3)
+    prompts, stops = [[0, 3, 9, 1, 0, 4], [0, 3, 10, 11, 12, 13, 14, 1, 0, 4], [0, 4]], [tok.eos_token_id]
+    for temperature in (0.0, 1.0):
+        torch.manual_seed(7)
+        plain = tt.generate_plain(model, prompts, tt.Sampling(stops, tok.pad_token_id, 12, temperature, 1.0))
+        torch.manual_seed(7)
+        fast = tt.generate_static(model, prompts, tt.Sampling(stops, tok.pad_token_id, 12, temperature, 1.0,
+                                                              batch=3, prompt_len=10))
+        assert [tt.cut_at_stop(r, set(stops)) for r in plain] == [tt.cut_at_stop(r, set(stops)) for r in fast]
+
+
 def test_generate_static_without_any_padding(tok):
     # equal-length prompts and a cache exactly that long: no row is padded, so only the causal mask keeps the
     # decode step from attending to cache slots not written yet (transformers may skip an all-ones mask)
@@ -863,13 +877,16 @@ def test_static_decoder_compiled_step_samples_as_generate_plain(tok):
     assert tt._STATIC[(id(model), 4, 28)]["step"] is not tt._STATIC[(id(model), 4, 28)]["eager"]
 
 
-def test_decode_attention_matches_repeated_kv():
-    # one query token, 8 query heads sharing 2 KV heads, a padding mask: against SDPA on repeated KV heads
+@pytest.mark.parametrize("B,L,masked", [(3, 11, 4), (3, 512, 300), (40, 64, 20)])
+def test_decode_attention_matches_repeated_kv(B, L, masked):
+    # one query token, 8 query heads sharing 2 KV heads, a padding mask: against SDPA on repeated KV heads.
+    # 3 rows x 2 KV heads take split_kv_attention (L = 512: 8 chunks of 64, the first four fully masked in row
+    # 0); 40 rows x 2 KV heads take SDPA.
     g = torch.Generator().manual_seed(0)
-    B, H, KVH, L, D = 3, 8, 2, 11, 16
+    H, KVH, D = 8, 2, 16
     q, k, v = (torch.randn(B, h, n, D, generator=g) for h, n in ((H, 1), (KVH, L), (KVH, L)))
     mask = torch.ones(B, 1, 1, L, dtype=torch.bool)
-    mask[0, ..., :4] = False
+    mask[0, ..., :masked] = False
     module = torch.nn.Module()
     module.num_key_value_groups = H // KVH
     out, _ = tt.decode_attention(module, q, k, v, mask, scaling=0.25)
