@@ -10,6 +10,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -385,8 +386,10 @@ def test_grade_cases(response, gold, expected):
 
 
 def test_grade_case_balance():
+    # the cases hold right and wrong answers in similar numbers, and grade credits exactly the right ones
     right = sum(e for *_, e in GRADER_CASES)
     assert len(GRADER_CASES) >= 150 and 0.4 < right / len(GRADER_CASES) < 0.6
+    assert sum(tt.grade(r, g) for r, g, _ in GRADER_CASES) == right
 
 
 def test_extract_answer_uses_brace_counting():
@@ -434,6 +437,426 @@ def test_grade_fuzz_no_exceptions_and_bounded_time():
             assert tt.grade(text, gold) in (True, False)
         worst = max(worst, (time.perf_counter() - t0) / 3)
     assert worst < 0.25, f"slowest 100 kB grade took {worst:.3f} s"
+
+
+# --------------------------------------------------------------------------------------------- grader: symbolic equivalence
+EQUIVALENT = [
+    ("\\frac{5a+2}{9}", "\\frac{2+5a}{9}"),
+    ("4(n-3)", "4n-12"),
+    ("-q+p", "p-q"),
+    ("\\frac{s}{7}+\\frac{3}{7}", "\\frac{s+3}{7}"),
+    ("\\sqrt{72}", "6\\sqrt2"),
+    ("\\sqrt{50}", "5\\sqrt{2}"),
+    ("\\frac{6}{\\sqrt3}", "2\\sqrt3"),
+    ("2\\pi+7", "7+2\\pi"),
+    ("\\frac{3}{4}\\sqrt5", "\\frac{3\\sqrt5}{4}"),
+    ("-5i+1", "1-5i"),
+    ("(x+1)^2", "x^2+2x+1"),
+    ("x^2-9", "(x-3)(x+3)"),
+    ("2x \\cdot 3y", "6xy"),
+    ("a \\times b", "b \\cdot a"),
+    ("\\dfrac{\\pi}{4}", "\\frac{1}{4}\\pi"),
+    ("\\sqrt[3]{16}", "2\\sqrt[3]{2}"),
+    ("e^{i\\pi}", "-1"),
+    ("\\sin^2 x + \\cos^2 x + x", "x + 1"),
+    ("\\ln(e^3)", "3"),
+    ("\\log 1000", "3"),
+    ("\\exp(0)", "1"),
+    ("\\frac{1}{2}x", "\\frac{x}{2}"),
+    ("0.5x", "\\frac{x}{2}"),
+    ("\\sqrt{\\frac{9}{16}}", "0.75"),
+    ("2^{10}", "1024"),
+    ("(2+3i)(2-3i)", "13"),
+]
+NOT_EQUIVALENT = [
+    ("\\frac{5a+2}{9}", "\\frac{5a+3}{9}"),
+    ("4(n-3)", "4n-3"),
+    ("p-q", "q-p"),
+    ("\\sqrt{72}", "6\\sqrt3"),
+    ("2\\pi+7", "7\\pi+2"),
+    ("-5i+1", "1+5i"),
+    ("x^2-9", "(x-3)^2"),
+    ("6xy", "6x"),  # a dropped variable
+    ("6x", "6t"),  # another variable
+    ("3.14159265", "\\pi"),  # a decimal never equals an irrational
+    ("1.41421356237", "\\sqrt2"),
+    ("0.3333333333333", "\\frac{1}{3}"),  # plain numbers compare exactly
+    ("0.3333333333333x", "\\frac{x}{3}"),  # so do rational expressions, at rational points
+    ("\\frac{1}{3^{40}}", "\\frac{1}{3^{41}}"),
+    ("1000000001", "1000000000"),
+    ("\\log 1000", "\\ln 1000"),
+    ("\\sin(2x)", "2\\sin x"),
+    ("2e", "5.43656365692"),
+    ("north", "thorn"),  # words are text, not products of letters
+    ("\\text{no}", "\\text{on}"),
+    ("1/2x", "\\frac{x}{2}"),  # ambiguous: refused rather than guessed
+]
+
+
+@pytest.mark.parametrize("pred,gold", EQUIVALENT)
+def test_answers_match_equivalent_forms(pred, gold):
+    assert tt.answers_match(pred, gold) and tt.answers_match(gold, pred)
+
+
+@pytest.mark.parametrize("pred,gold", NOT_EQUIVALENT)
+def test_answers_match_refuses_other_values(pred, gold):
+    assert not tt.answers_match(pred, gold) and not tt.answers_match(gold, pred)
+
+
+def test_grade_equivalent_boxed_expression():
+    assert tt.grade("Combining the fractions gives $\\boxed{\\frac{2+5a}{9}}$.", "\\frac{5a+2}{9}")
+    assert tt.grade("So the area is $\\boxed{\\sqrt{72}}$ square units.", "6\\sqrt{2}")
+    assert not tt.grade("So the area is $\\boxed{\\sqrt{73}}$ square units.", "6\\sqrt{2}")
+
+
+def test_answers_match_unparseable_falls_back_to_strings():
+    assert tt.answers_match("\\infty", "\\infty")
+    assert not tt.answers_match("\\infty", "-\\infty")
+    assert tt.answers_match("x\\pm2", "x\\pm 2")  # \pm is no operator we know: the same string still counts
+
+
+def test_answers_match_bounded_parser():
+    assert not tt.answers_match("2^{2^{2^{2^{2^{2}}}}}", "2")  # a tower is refused, not computed
+    assert not tt.answers_match("\\frac{1}{0}", "1")
+    assert not tt.answers_match("(" * 300 + "1" + ")" * 300, "2")
+    assert tt.answers_match("(" * 12 + "y+1" + ")" * 12, "1+y")  # real nesting is fine ...
+    assert not tt.answers_match("(" * 60 + "y+1" + ")" * 60, "1+y")  # ... 60 levels is an attack, refused
+    assert tt.answers_match("\\frac{1}{2^{300}}", "2^{-300}")
+
+
+# --------------------------------------------------------------------------------------------- grader: property test
+def _poly(rnd, names):
+    """A random sum of terms c * x^k * y^m as (coefficient, exponents) pairs."""
+    terms = {}
+    for _ in range(rnd.randint(2, 4)):
+        exps = tuple(rnd.randint(0, 2) for _ in names)
+        terms[exps] = terms.get(exps, 0) + rnd.choice([-5, -3, -2, -1, 1, 2, 3, 4, 7])
+    return [(c, e) for e, c in terms.items() if c]
+
+
+def _latex(terms, names, shuffle=None):
+    """LaTeX of a term list; shuffle (a Random) commutes the terms and the factors inside each term."""
+    terms = list(terms)
+    if shuffle:
+        shuffle.shuffle(terms)
+    out = ""
+    for c, exps in terms:
+        factors = [f"{v}^{{{k}}}" if k > 1 else v for v, k in zip(names, exps) if k]
+        if shuffle:
+            shuffle.shuffle(factors)
+        body = "".join(factors)
+        coef = str(abs(c)) if abs(c) != 1 or not body else ""
+        out += ("-" if c < 0 else "+" if out else "") + coef + body
+    return out
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_answers_match_property_rewrites(seed):
+    rnd = random.Random(seed)
+    terms = []
+    while len(terms) < 2 or all(not any(e) for _, e in terms):  # at least two terms, one with a variable
+        names = rnd.sample("abcdmnpqrstuvwxyz", rnd.randint(1, 2))
+        terms = _poly(rnd, names)
+    gold = _latex(terms, names)
+    # equivalent: commuted terms and factors
+    assert tt.answers_match(_latex(terms, names, shuffle=rnd), gold)
+    # equivalent: a constant factored out, k(...) and (...)k
+    k = rnd.choice([2, 3, 5])
+    scaled = _latex([(c * k, e) for c, e in terms], names)
+    assert tt.answers_match(f"{k}({gold})", scaled) and tt.answers_match(f"({gold})\\cdot {k}", scaled)
+    # equivalent: an expanded product (v + h)(gold) against its expansion
+    v, h = names[0], rnd.randint(1, 6)
+    expanded = {}
+    for c, e in terms:
+        for cc, ee in ((c, tuple(x + (i == 0) for i, x in enumerate(e))), (c * h, e)):
+            expanded[ee] = expanded.get(ee, 0) + cc
+    expanded_latex = _latex([(c, e) for e, c in expanded.items() if c], names, shuffle=rnd)
+    assert tt.answers_match(f"({v}+{h})({gold})", expanded_latex)
+    # perturbed: one coefficient changed
+    i = rnd.randrange(len(terms))
+    changed = [(c + (1 if j == i else 0) or 2, e) for j, (c, e) in enumerate(terms)]
+    assert not tt.answers_match(_latex(changed, names, shuffle=rnd), gold)
+    # perturbed: a variable dropped from one term that has one
+    i = next(j for j, (_, e) in enumerate(terms) if any(e))
+    c, e = terms[i]
+    dropped = terms[:i] + [(c, tuple(0 if x and j == e.index(next(y for y in e if y)) else x
+                                     for j, x in enumerate(e)))] + terms[i + 1:]
+    assert not tt.answers_match(_latex(dropped, names), gold)
+
+
+def test_answers_match_property_irrational_rewrites():
+    rnd = random.Random(99)
+    for _ in range(30):
+        a, b, n = rnd.randint(2, 9), rnd.randint(1, 9), rnd.choice([2, 3, 5, 6, 7])
+        gold = f"{a}\\sqrt{{{n}}}+{b}\\pi"
+        assert tt.answers_match(f"{b}\\pi+\\sqrt{{{a * a * n}}}", gold)
+        assert not tt.answers_match(f"{b}\\pi+\\sqrt{{{a * a * n + 1}}}", gold)
+        assert not tt.answers_match(f"{b + 1}\\pi+{a}\\sqrt{{{n}}}", gold)
+
+
+# --------------------------------------------------------------------------------------------- grader: matrices, vectors, bases
+def test_answers_match_matrix_any_environment():
+    gold = "\\begin{pmatrix} 3/7 \\\\ -2 \\\\ 0.5 \\end{pmatrix}"
+    assert tt.answers_match("\\begin{bmatrix}\\frac{3}{7}\\\\-2\\\\\\frac12\\end{bmatrix}", gold)
+    assert tt.answers_match("\\begin{array}{c} \\dfrac{3}{7} \\\\ -2 \\\\ 1/2 \\end{array}", gold)
+    assert not tt.answers_match("\\begin{bmatrix}\\frac{3}{7}\\\\2\\\\\\frac12\\end{bmatrix}", gold)
+    assert not tt.answers_match("\\begin{bmatrix}\\frac{3}{7}\\\\-2\\end{bmatrix}", gold)  # another shape
+    assert not tt.answers_match("\\begin{pmatrix} 3/7 & -2 & 0.5 \\end{pmatrix}", gold)  # a row, not a column
+    m = "\\begin{vmatrix} 1 & \\sqrt{8} \\\\ x+x & 0 \\end{vmatrix}"
+    assert tt.answers_match(m, "\\begin{pmatrix} 1 & 2\\sqrt2 \\\\ 2x & 0 \\end{pmatrix}")
+
+
+def test_grade_matrix_in_box():
+    response = "Hence $\\mathbf{v} = \\boxed{\\begin{pmatrix} \\frac{4}{9} \\\\ 1 \\end{pmatrix}}$."
+    assert tt.grade(response, "\\begin{pmatrix} 4/9 \\\\ 1 \\end{pmatrix}")
+    assert not tt.grade(response, "\\begin{pmatrix} 9/4 \\\\ 1 \\end{pmatrix}")
+
+
+def test_answers_match_base_subscripts_as_written():
+    assert tt.answers_match("1022_{3}", "1022_3")
+    assert tt.answers_match("\\boxed{}", "") is False
+    assert not tt.answers_match("1022", "1022_3")
+    assert not tt.answers_match("1022_{3}", "1022")
+    assert not tt.answers_match("1022_{4}", "1022_3")
+
+
+def test_normalize_answer_base_subscript():
+    assert tt.normalize_answer("413_{5}") == tt.normalize_answer("413_5") == "413_5"
+
+
+# --------------------------------------------------------------------------------------------- grader: units, letters, scale words
+@pytest.mark.parametrize("pred,gold", [
+    ("48 \\text{ km}", "48"), ("15\\text{ cm}^2", "15"), ("\\$7.25", "7.25"), ("12 \\mbox{ minutes}", "12"),
+    ("30^\\circ", "30"), ("30 \\text{ degrees}", "30"), ("9 \\text{ square feet}", "9"), ("65 mph", "65"),
+    ("2.5 \\text{ hours}", "\\frac{5}{2}"), ("\\frac{3}{4} \\text{ cups}", "0.75"), ("20 \\text{ sq units}", "20"),
+])
+def test_answers_match_known_units_are_dropped(pred, gold):
+    assert tt.answers_match(pred, gold)
+
+
+@pytest.mark.parametrize("pred,gold", [
+    ("9t", "9"), ("2i", "2"), ("5", "5m"), ("8", "8k^2"), ("4", "4i"), ("3\\pi", "3"),
+    ("6 \\text{ hundred}", "6"), ("6 \\text{ hundred}", "600"), ("4 thousand", "4"), ("3 dozen", "3"),
+    ("2 \\text{ million}", "2"),
+])
+def test_answers_match_letters_and_scale_words_are_kept(pred, gold):
+    assert not tt.answers_match(pred, gold) and not tt.answers_match(gold, pred)
+
+
+def test_grade_units_on_both_sides():
+    assert tt.grade("The rope is \\boxed{14 \\text{ meters}} long.", "14\\text{ m}") is False  # m is a letter
+    assert tt.grade("The rope is \\boxed{14 \\text{ meters}} long.", "14\\text{ meters}")
+    assert tt.grade("The answer is 14 meters.", "14")
+    assert not tt.grade("\\boxed{9r^2}", "9")
+    assert not tt.grade("\\boxed{9}", "9r^2")
+    assert not tt.grade("The answer is 3 dozen.", "3")
+    assert not tt.grade("The answer is 2 thirds.", "2")
+    assert tt.grade("The answer is 31 marbles.", "31")
+
+
+def test_normalize_answer_units():
+    assert tt.normalize_answer("12 \\text{ inches}") == "12"
+    assert tt.normalize_answer("7y") == "7y"
+    assert tt.normalize_answer("5 \\text{ hundred}") == "5hundred"
+
+
+# --------------------------------------------------------------------------------------------- grader: relations
+@pytest.mark.parametrize("pred", ["z != 11", "z <= 11", "z >= 11", "z < 11", "z > 11", "z \\le 11", "z \\ge 11",
+                                  "z \\leq 11", "z \\geq 11", "z \\neq 11", "z \\ne 11", "z ≤ 11"])
+def test_answers_match_relation_is_not_its_right_side(pred):
+    assert not tt.answers_match(pred, "11")
+
+
+def test_answers_match_relation_against_relation_gold():
+    assert tt.answers_match("z \\le 11", "z\\le11")
+    assert tt.answers_match("t = 11", "11")  # an equation still gives its right side
+    assert tt.answers_match("t = 0", "0") and tt.answers_match("3 - 3 = 0", "0")
+    assert not tt.answers_match("2a + 3b - 6 = 0", "0")  # ... but an equation set to zero is not the value 0
+
+
+@pytest.mark.parametrize("response", [
+    "So the count is not 11.", "Then we need z > 11.", "Let's check whether 11 fits.", "Does 11 satisfy it?",
+    "The value is at least 11.", "Suppose the answer were 11.", "This means z \\geq 11.", "It cannot be 11.",
+])
+def test_grade_noncommittal_final_sentence(response):
+    assert not tt.grade("We try a few values.\n\n" + response, "11")
+
+
+def test_grade_committed_final_sentence_still_counts():
+    assert tt.grade("We try a few values.\n\nSo she has 11 stickers left.", "11")
+    assert tt.grade("Adding up, 5 + 6 = 11.", "11")
+
+
+# --------------------------------------------------------------------------------------------- grader: commas
+def test_normalize_answer_decimal_comma():
+    assert tt.normalize_answer("2{,}75") == "2.75"
+    assert tt.normalize_answer("12{,}500") == "12500"
+    assert tt.normalize_answer("1{,}234{,}567") == "1234567"
+
+
+@pytest.mark.parametrize("response,gold,expected", [
+    ("\\boxed{2{,}75}", "275", False), ("\\boxed{2{,}75}", "2.75", True), ("\\boxed{12{,}500}", "12500", True),
+    ("\\boxed{7, 250}", "7250", False), ("The answer is 7, 250.", "7250", False),
+    ("\\boxed{314, 159, 265}", "314159265", False), ("\\boxed{4,321,000}", "4321000", True),
+    ("\\boxed{43,21}", "4321", False), ("Final answer: 12,500", "12500", True),
+])
+def test_grade_commas(response, gold, expected):
+    assert tt.grade(response, gold) is expected
+
+
+# --------------------------------------------------------------------------------------------- grader: multiple-choice letters
+@pytest.mark.parametrize("response", [
+    "Reasoning.\n\nAnswer: D.", "Reasoning.\n\n**D**", "Reasoning.\n\n$D$", "Reasoning.\n\n\\boxed{\\textbf{D}}",
+    "Reasoning.\n\n\\boxed{D}", "Reasoning.\n\n(D)", "Reasoning.\n\nD)", "The correct option is D.",
+    "The answer is option D.", "The answer is (D)", "Reasoning.\n\nD", "Final answer: **(D)**",
+    "\\boxed{\\text{D}}", "The correct choice is $\\mathrm{D}$.",
+])
+def test_grade_letter_forms(response):
+    assert tt.grade(response, "D")
+    assert not tt.grade(response, "B")
+
+
+@pytest.mark.parametrize("response", [
+    "Dalton's law applies here.", "Options A and D both seem wrong.", "Reasoning.\n\nAnswer: D or B",
+    "The answer is (D) or (B).", "The answer is A, B, C or D.", "Data point D is an outlier.",
+    "I would go with D if pressed, but B is also possible.",
+])
+def test_grade_letter_never_from_text(response):
+    assert not tt.grade(response, "D")
+
+
+# --------------------------------------------------------------------------------------------- grader: empty boxes, trailing comma
+def test_extract_answer_empty_box_does_not_block():
+    assert tt.extract_answer("I must put the result in \\boxed{}.\n\nThe final answer is 64.") == "64"
+    assert tt.extract_answer("\\boxed{64}\n\n(As requested, the answer is in \\boxed{}.)") == "64"
+    assert tt.extract_answer("Format: \\boxed{ }. Work... so \\boxed{64}. Done, see \\boxed{}") == "64"
+    assert tt.extract_answer("\\boxed{}") is None
+
+
+def test_grade_trailing_comma_after_committed_answer():
+    assert tt.grade("Adding the three parts, the answer is 305,", "305")
+    assert not tt.grade("Adding the three parts, the answer is 305,", "30")
+    assert not tt.grade("Adding the three parts gives 305,", "305")  # not committed: cut off mid-list
+
+
+# --------------------------------------------------------------------------------------------- grader: retractions vs checks
+@pytest.mark.parametrize("response", [
+    "\\boxed{56}\n\nIs that right? Let me recalculate: 7 * 8 = 56. Yes.",
+    "So the total is \\boxed{56}.\n\nLet me verify by dividing: 56 / 8 = 7, which matches.",
+    "The answer is \\boxed{56}. Let me double-check with another method: 8 + 8 + ... = 56. Confirmed.",
+    "So there are \\boxed{56} seats. Choice A is wrong because it forgets the balcony.",
+    "The answer is 56. Checking: 7 * 8 = 56, correct.",
+    "\\boxed{56}. Let me recalculate.",
+    "Final answer: 56\n\nNote that 48 would be a common mistake.",
+])
+def test_grade_checking_is_not_retracting(response):
+    assert tt.grade(response, "56")
+
+
+@pytest.mark.parametrize("response,old", [
+    ("\\boxed{56}\n\nHmm, that's wrong: I forgot the balcony. The answer is 64.", "56"),
+    ("The answer is \\boxed{56}. Let me recalculate: 7 * 9 = 63. So the final answer is 63.", "56"),
+    ("\\boxed{56}. Actually, I made an error in the second row.", "56"),
+    ("The answer is 56. Scratch that, I misread the question.", "56"),
+    ("It's 56, or maybe 64.", "56"),
+    ("\\boxed{56} or \\boxed{64}", "56"),
+    ("Answer: 56 or 64", "56"),
+    ("\\boxed{56}\n\nMy answer is incorrect, the rows have 9 seats.", "56"),
+])
+def test_grade_retraction_or_hedge(response, old):
+    assert not tt.grade(response, old)
+
+
+def test_grade_later_different_answer_replaces_box():
+    response = "\\boxed{56}\n\nHmm, that's wrong: I forgot the balcony. The answer is 64."
+    assert tt.grade(response, "64")
+    assert tt.extract_answer("\\boxed{C}\n\nOn reflection the answer is (B).") == "(B)"
+
+
+# --------------------------------------------------------------------------------------------- grader: extraction
+def test_extract_answer_statement_after_phrase():
+    assert tt.extract_answer("Final Answer: The largest possible $n$ is 27.") == "27"
+    assert tt.grade("Final Answer: The number of handshakes is 45.", "45")
+    assert not tt.grade("Final Answer: The number of handshakes is 45.", "44")
+    # two statements in one sentence commit to neither
+    assert not tt.grade("Final Answer: The apples are 12 and the pears are 5.", "5")
+
+
+@pytest.mark.parametrize("marker", ["<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<|im_start|>user\n"])
+def test_extract_answer_cut_at_chat_template_marker(marker):
+    response = "So she pays \\boxed{36}." + marker + "Now what about \\boxed{99}? The answer is 99."
+    assert tt.extract_answer(response) == "36"
+    assert tt.grade(response, "36") and not tt.grade(response, "99")
+
+
+def test_extract_answer_framebox():
+    assert tt.extract_answer("so $\\framebox{204}$ minutes in all") == "204"
+
+
+# --------------------------------------------------------------------------------------------- grader: safety
+def _nested_quantifiers(pattern):
+    """Groups that repeat (*, +, {n,}) and hold a variable quantifier themselves: (a+)+, (?:\\s*x)*."""
+    found, opens, in_class, k = [], [], False, 0
+    while k < len(pattern):
+        ch = pattern[k]
+        if ch == "\\":
+            k += 2  # an escape: \( or \+ is a literal
+            continue
+        if in_class:
+            in_class = ch != "]"
+        elif ch == "[":
+            in_class, k = True, k + (2 if pattern[k + 1:k + 2] == "]" else 1)  # "[]...]": a literal ]
+            continue
+        elif ch == "(":
+            opens.append(k)
+        elif ch == ")" and opens:
+            body = re.sub(r"\[[^\]]*\]|\\.", "x", pattern[opens.pop() + 1:k])  # classes and escapes are one atom
+            if re.match(r"[*+]|\{\d*,", pattern[k + 1:]) and re.search(r"[*+]|\{\d*,", body):
+                found.append(body)
+        k += 1
+    return found
+
+
+def test_grade_no_nested_quantifiers_in_patterns():
+    assert _nested_quantifiers(r"(?:a+)+") and _nested_quantifiers(r"(\s*[)}])*")
+    assert _nested_quantifiers(r"(?:x|y*){2,}")
+    assert not _nested_quantifiers(r"(?:,\d{3})+") and not _nested_quantifiers(r"(?:\s*[)}])?\(+")
+    patterns = [v.pattern for v in vars(tt).values() if isinstance(v, re.Pattern)]
+    assert len(patterns) > 10 and not [p for p in patterns if _nested_quantifiers(p)]
+
+
+def test_grade_adversarial_inputs_are_fast():
+    n = 100_000
+    texts = [
+        "7" + " " * (n - 1), "y" * (n - 2000) + "7" + " " * 1990 + "x", "The answer is 7" + " " * 3000 + "or",
+        "Final answer: 7" + "\t" * 5000 + " or 8", "8" * n, "7," * (n // 2), "1" + ",000" * (n // 4 - 1) + ",00",
+        "\\boxed{" * (n // 7), "{" * n, "\\boxed{}" * (n // 8), "The answer is " * (n // 14), "1{,}" * (n // 4),
+        "\\boxed{" + "\\sqrt{" * 60 + "2" + "}" * 61, "\\boxed{" + "2^{" * 60 + "9" + "}" * 61,
+        "\\boxed{" + "-" * 390 + "1}", "\\boxed{" + "(" * 195 + "x" + ")" * 195 + "}", "<|im_end|" * (n // 9),
+        "\\boxed{1}" + " wait" * (n // 5), "\\boxed{1} " + "The answer is 2. " * (n // 17), "1,\\! " * (n // 5),
+        "\\boxed{" + ",".join(f"x+{k}" for k in range(10, 88)) + "}\nThe answer is "
+        + ",".join(f"x+{k}" for k in reversed(range(10, 88))),
+    ]
+    rnd = random.Random(5)
+    pieces = ["\\boxed{", "}", "{", "1", "2.5", "\\frac", "\\sqrt", "^", "x", " or ", "The answer is ", "\n", ". ",
+              "{,}", ",", "\\le", "?", "not", "<|im_end|>", "(", ")", "\\pi", "$", "=", " "]
+    texts += ["".join(rnd.choice(pieces) for _ in range(30_000))[:n] for _ in range(10)]
+    worst = 0.0
+    for text in texts:
+        tt._values.cache_clear()
+        t0 = time.perf_counter()
+        for gold in ("7", "x+1", "D", "(1,2)"):
+            assert tt.grade(text, gold) in (True, False)
+        worst = max(worst, (time.perf_counter() - t0) / 4)
+    assert worst < 0.05, f"slowest 100 kB grade took {worst * 1000:.1f} ms"
+
+
+def test_grade_hedge_pattern_is_linear_in_whitespace():
+    # the final sentence is at most 2 kB, where a quadratic pattern still passes at 50 ms; 20 kB shows the growth
+    for text in ("7" + " " * 20_000 + "x", "7)" + "\t" * 20_000 + "or", "7" + " \n" * 10_000 + "and/or y"):
+        t0 = time.perf_counter()
+        tt._HEDGE.search(text)
+        assert time.perf_counter() - t0 < 0.01
 
 
 # --------------------------------------------------------------------------------------------- advantages

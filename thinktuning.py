@@ -29,7 +29,9 @@ Left out on purpose (README, "Left out"): several GPUs, vLLM, LoRA, learning-rat
 an entropy bonus, a computer algebra system in the grader, sharing the teacher's few-shot prefix cache.
 """
 import argparse
+import cmath
 import contextlib
+import functools
 import json
 import math
 import os
@@ -676,41 +678,58 @@ def check_args(args):
 
 MAX_ANSWER_CHARS = 400  # a longer "final answer" is not an answer
 _BARE_BOX = re.compile(r"[ \t]+([^\s$]+)")
+_BOX_WORDS = ("\\boxed", "\\fbox", "\\framebox")
+_TEMPLATE = re.compile(r"<\|[a-z_]{1,30}\|>")  # <|im_end|>, <|eot_id|>: whatever follows is not the response
 
 
 def _box_before(text, end):
-    """(start, stop, content) of the last \\boxed / \\fbox that starts before `end`, braces counted."""
-    start = max(text.rfind("\\boxed", 0, end), text.rfind("\\fbox", 0, end))
-    if start < 0:
-        return None
-    i = start + (6 if text.startswith("\\boxed", start) else 5)
-    while i < len(text) and text[i] == " " and text.find("{", i, i + 3) > 0:  # "\\boxed {5}"
-        i += 1
-    if i < len(text) and text[i] == "{":
-        depth = 0
+    """(start, stop, content) of the last \\boxed / \\fbox that starts before `end`, braces counted; content None when
+    truncated. Empty boxes are skipped: "put your answer in \\boxed{}" restates the instruction, it is no answer."""
+    for _ in range(20):
+        start = max(text.rfind(word, 0, end) for word in _BOX_WORDS)
+        if start < 0:
+            return None
+        i = start + next(len(w) for w in _BOX_WORDS if text.startswith(w, start))
+        while i < len(text) and text[i] == " " and text.find("{", i, i + 3) > 0:  # "\\boxed {5}"
+            i += 1
+        if i >= len(text) or text[i] != "{":
+            m = _BARE_BOX.match(text, i)  # \boxed 5
+            return (start, m.end(), m.group(1)) if m else (start, i, None)
+        depth, j = 0, i
         for j in range(i, min(len(text), i + 4 * MAX_ANSWER_CHARS)):
             depth += {"{": 1, "}": -1}.get(text[j], 0)
             if depth == 0:
-                return start, j + 1, text[i + 1:j]
-        return start, len(text), None  # never closed: truncated inside the box
-    m = _BARE_BOX.match(text, i)  # \boxed 5
-    return (start, m.end(), m.group(1)) if m else (start, i, None)
+                break
+        if depth:
+            return start, len(text), None  # never closed: truncated inside the box
+        if text[i + 1:j].strip():
+            return start, j + 1, text[i + 1:j]
+        end = start
+    return None
 
 
 # Phrases that commit to a final answer; the sentence after the last one is the answer.
 _ANSWER_PHRASE = re.compile(r"(?:final answer|the answer|correct answer|correct option|correct choice|answer)"
                             r"[ \t*]*(?:is|:|=)[ \t*:]*|####[ \t]*", re.IGNORECASE)
-# An answer followed by one of these was taken back or hedged. ("Wait, let me double-check... yes" is neither.)
-_RETRACTION = re.compile(r"\b(?:(?:that's|that is|this is|it's|it is|is|was) (?:wrong|incorrect|not right|not correct)|"
-                         r"made (?:a|an) (?:mistake|error)|my mistake|miscalculated|scratch that|on second thought|"
-                         r"wait, no|no, wait|let me (?:redo|recalculate|re-calculate|start over)|"
+# Taking an answer back means saying that *it* is wrong ("Option A is wrong" explains, it does not retract).
+_RETRACTION = re.compile(r"\b(?:(?:that|this|it|my answer|our answer|the answer|my result)(?:'s| is| was) "
+                         r"(?:wrong|incorrect|not right|not correct)|made (?:a|an) (?:mistake|error)|my mistake|"
+                         r"miscalculated|scratch that|on second thought|wait, no|no, wait|start over|"
                          r"or (?:maybe|perhaps|possibly)|(?<=[.!?] )or \$?-?\d)\b", re.IGNORECASE)  # hedges too
-_NUMBER = re.compile(r"(?<![A-Za-z\d.])-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|(?<![A-Za-z\d])-?\.\d+")
-_HEDGE = re.compile(r"\d\s*(?:\)|\})?\s*(?:or|and/or)\s+\$?\\?\(?-?\d", re.IGNORECASE)
+_NUMBER = re.compile(r"(?<![A-Za-z\d.,])-?(?:\d{1,3}(?:,\d{3})+(?!\d)(?!,\d)|\d+)(?:\.\d+)?(?:/\d+)?"
+                     r"|(?<![A-Za-z\d])-?\.\d+")
+_HEDGE = re.compile(r"\d(?:\s*[)}])?\s*(?:or|and/or)\s+\$?\\?\(?-?\d", re.IGNORECASE)  # one \s* run per digit
 # A final sentence that stops on one of these was cut off mid-thought (a truncated output).
-_UNFINISHED = re.compile(r"(?:[=+\-*/×÷,:(]|\b(?:and|or|of|is|are|by|the|to|a|an|with|which|then|so|gives|equals))\s*$",
-                         re.IGNORECASE)
+_UNFINISHED = re.compile(r"(?:[=+\-*/×÷,:(]|\b(?:and|or|of|is|are|by|the|to|a|an|with|which|then|so|gives|"
+                         r"equals))\s*$", re.IGNORECASE)
+_RELATION = re.compile(r"[<>≤≥≠]|!=|\\(?:[lg]eq?|neq?|lt|gt)(?![a-z])")  # a relation is not a value
+# A final sentence that negates, bounds, supposes or asks commits to nothing ("It is not 8.", "Does 14 work?").
+_NONCOMMITTAL = re.compile(_RELATION.pattern + r"|\?|\b(?:not|never|cannot|can't|isn't|whether|suppose|assume|let's|"
+                           r"let us|at least|at most)\b", re.IGNORECASE)
 _EXPONENT = re.compile(r"[\^_](?:\{[^{}]*\}|-?\d+)")  # x^{-2}, 10^3, a_1: not answers
+# Words that change a number's value, so "5 dozen" is never 5 (a count noun such as "5 apples" is 5).
+_SCALE = re.compile(r"(?:hundred|thousand|million|billion|trillion|dozen|score|gross|half|halve|third|quarter|\w*th|"
+                    r"time|squared|cubed|factorial|root|sqrt|raised|over|plus|minus|than|divided|power)s?")
 
 
 def _sentence_after(text, i):
@@ -729,24 +748,30 @@ def _sentence_after(text, i):
     return text[i:j], j
 
 
-def _taken_back(text, i):
-    """Whether the 300 characters after position i retract or hedge the answer that ends there."""
-    return _RETRACTION.search(text[i:i + 300]) is not None
+def _taken_back(text, i, answer):
+    """Whether what follows position i takes `answer` back: an explicit "that's wrong", a hedge, or a later answer
+    phrase with another value. Re-checking is not retracting: "Let me recalculate: 8 * 3 = 24. Yes." keeps it."""
+    if _RETRACTION.search(text, i, i + 300):
+        return True
+    later = _phrase_answer(text[i:])  # a later "the answer is 26" (but "our answer is correct" is a comment)
+    if later is None or not all(_values(v) for v in _split_top(normalize_answer(later).strip("()[]"))):
+        return False
+    return not answers_match(later, answer)
 
 
 def _boxed_answer(text, box):
     """The content of the last box; two different boxes in its sentence are a list, or a hedge if joined by 'or'."""
     start, stop, content = box
-    if content is None or not content.strip():
-        return None  # empty, or truncated inside the box
+    if content is None:
+        return None  # truncated inside the box
     prev = _box_before(text, start)
     between = text[prev[1]:start] if prev else ""
-    if prev and prev[2] and len(between) < 60 and not re.search(r"[.!?]\s|\n", between) \
-            and not answers_match(prev[2], content):
+    if (prev and prev[2] and len(between) < 60 and not re.search(r"[.!?]\s|\n", between)
+            and not answers_match(prev[2], content)):
         if re.search(r"\bor\b", between):  # "\boxed{18} or \boxed{20}"
             return None
         content = f"{prev[2]}, {content}"  # "\boxed{-2} and \boxed{3}": compared as a list
-    if _taken_back(text, stop):  # only a later answer phrase can replace it
+    if _taken_back(text, stop, content):  # only a later answer phrase can replace it
         return _phrase_answer(text[stop:])
     return content
 
@@ -760,29 +785,35 @@ def _last_phrase(text):
 
 
 def _phrase_answer(text, phrase=None):
-    """The sentence after the last answer phrase, unless hedged or taken back."""
+    """The sentence after the last answer phrase, unless hedged or taken back; of a statement such as "The smallest
+    $k$ is 12" the part after "is", and of "18 eggs" the number (a count noun: no unit, single letter or scale)."""
     phrase = phrase or _last_phrase(text)
     if phrase is None:
         return None
     answer, stop = _sentence_after(text, phrase.end())
-    answer = answer.strip().strip("*").strip()
-    if not answer or _HEDGE.search(answer) or _taken_back(text, stop):
+    answer = answer.strip().strip("*").strip().rstrip(",")
+    if not answer or _HEDGE.search(answer) or _RETRACTION.search(answer):
         return None
-    return answer
+    parts = re.split(r"\s(?:is|are|was|equals)\s", answer)
+    answer = parts[-1].strip() if len(parts) == 2 else answer
+    noun = re.fullmatch(r"(\$?-?\d[\d,.]*)\s+([A-Za-z][A-Za-z ]*)", answer)
+    if noun and all(len(w) > 2 and not _SCALE.fullmatch(w) for w in noun.group(2).lower().split()):
+        answer = noun.group(1)
+    return None if _taken_back(text, stop, answer) else answer
 
 
 def _final_sentence_answer(text):
-    """A lone "(B)" or the last number of the final sentence only: a last number from anywhere would reward
-    truncated outputs that stop while restating the question or an intermediate result."""
+    """A lone letter on the last line, or the last number of the final sentence only: a last number from anywhere
+    would reward truncated outputs that stop while restating the question or an intermediate result."""
     lines = [line for line in text[-2000:].split("\n") if line.strip()]
     if not lines:
         return None
-    final = re.split(r"(?<=[.!?])\s+(?=\S)", lines[-1].strip())[-1]
-    if _HEDGE.search(final) or _UNFINISHED.search(final.rstrip("$ ")):
-        return None
-    letter = re.fullmatch(r"[*\s]*\(?([A-J])\)[*.\s]*", final)
+    letter = re.fullmatch(r"[*$\s]*\(?([A-J])\)?[*.$\s]*", lines[-1])  # "(B)", "**C**", "$D$", "A"
     if letter:
         return letter.group(1)
+    final = re.split(r"(?<=[.!?])\s+(?=\S)", lines[-1].strip())[-1]
+    if _HEDGE.search(final) or _UNFINISHED.search(final.rstrip("$ ")) or _NONCOMMITTAL.search(final):
+        return None
     numbers = _NUMBER.findall(_EXPONENT.sub(" ", final))
     return numbers[-1] if numbers else None
 
@@ -790,6 +821,9 @@ def _final_sentence_answer(text):
 def extract_answer(text):
     """The response's final answer as a string, or None when it commits to none (or hedges, or retracts).
     Order: the last \\boxed{}, else the last <answer></answer>, else an answer phrase, else the final sentence."""
+    marker = _TEMPLATE.search(text)
+    if marker and text[:marker.start()].strip():  # the model ran on past its end-of-turn marker
+        text = text[:marker.start()]
     box = _box_before(text, len(text))
     if box is not None:
         return _boxed_answer(text, box)
@@ -797,14 +831,20 @@ def extract_answer(text):
     b = text.find("</answer>", a) if a >= 0 else -1
     if 0 <= a < b and b - a < MAX_ANSWER_CHARS:
         content = text[a + 8:b].strip()
-        return content if content and not _taken_back(text, b) else None
+        return content if content and not _taken_back(text, b, content) else None
     phrase = _last_phrase(text)
     return _phrase_answer(text, phrase) if phrase else _final_sentence_answer(text)
 
 
 _UNWRAP = re.compile(r"\\(?:text|textbf|textit|textnormal|mathbf|mathrm|mathit|mbox|operatorname)\s*\{([^{}]*)\}")
-_DROP = ("\\left", "\\right", "\\displaystyle", "\\!", "\\,", "\\;", "\\:", "{,}", "\\$", "$", "\\(", "\\)",
+_DROP = ("\\left", "\\right", "\\displaystyle", "\\!", "\\,", "\\;", "\\:", "\\$", "$", "\\(", "\\)",
          "\\[", "\\]", "^\\circ", "^{\\circ}", "\\circ", "°", "\\%", "%", "€", "£", "¥", "**")
+# Known units and currencies only: never a single letter (7y, 3i, 4m), never a scale word (5 dozen).
+_UNIT = (r"(?:(?:centi|milli|kilo)?(?:met(?:er|re)|gram|lit(?:er|re))|inch|foot|feet|yard|mile|pound|ounce|ton|"
+         r"gallon|quart|pint|cup|dollar|cent|euro|pence|yen|degree|radian|hour|minute|second|day|week|month|year|"
+         r"unit|point|percent|cm|mm|km|kg|mg|ml|lb|oz|ft|yd|mph|hr|min|sec)(?:e?s)?")
+_UNIT_TAIL = re.compile(r"(?<=[\d}])\s*(?:(?:square|cubic|sq)\.?\s*)?" + _UNIT + r"(?:\s*(?:per|/)\s*" + _UNIT
+                        + r")?(?:\^\{?[23]\}?)?\.?$", re.IGNORECASE)
 
 
 def normalize_answer(s):
@@ -813,17 +853,19 @@ def normalize_answer(s):
     for _ in range(3):  # \text{\textbf{x}}: unwrap nested wrappers
         s = _UNWRAP.sub(r"\1", s)
     s = re.sub(r"(?<!\\)\\ ", " ", s)  # "\ " is a space, but "\\ " is a matrix row break
+    s = re.sub(r"(?<=\d),\\!\s*(?=\d{3}(?!\d))", ",", s)  # "11,\! 111": a thousands separator
+    s = re.sub(r"(?<=\d)\{,\}(?=\d{3}(?!\d))", "", s)  # "1{,}234" is 1234 ...
+    s = re.sub(r"(?<=\d)\{,\}(?=\d)", ".", s).replace("{,}", ",")  # ... but "3{,}4" is a decimal comma, 3.4
     for token in _DROP:
         s = s.replace(token, "")
     s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace("π", "\\pi").replace("−", "-")
-    s = s.strip().rstrip(".").strip()
-    # unit words only at the end and only after a number ("5 cm^2" -> "5"; "north" stays "north")
-    s = re.sub(r"^(-?[\d.,/]*\d)\s*[a-zA-Z][a-zA-Z \t.]*(?:\^\{?[23]\}?)?$", r"\1", s)
+    s = _UNIT_TAIL.sub("", s.strip().rstrip(".").strip()).strip()  # "5 cm^2" -> "5"; "north", "5x" stay
     s = re.sub(r"^(-?\d+)\s+(\d+)/(\d+)$", r"\1\\frac{\2}{\3}", s)  # mixed number "1 4/5"
+    if re.fullmatch(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?", s):  # one grouping, no spaces: never "2, 345" or a tuple
+        s = s.replace(",", "")
     s = re.sub(r"\s+", "", s)
     s = re.sub(r"^[a-zA-Z](?:=|\\in)", "", s)  # "x=5", "x\in[1,2]"
-    if re.fullmatch(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?", s):  # thousands separators, never tuple commas
-        s = s.replace(",", "")
+    s = re.sub(r"_\{(\w+)\}", r"_\1", s)  # base subscripts: 31_{6} is 31_6 (and never 31)
     s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)  # \frac12
     s = re.sub(r"\\frac\{([^{}]*)\}(\d)", r"\\frac{\1}{\2}", s)  # \frac{1}2
     s = re.sub(r"\\frac(\d)\{", r"\\frac{\1}{", s)  # \frac1{2}
@@ -831,33 +873,175 @@ def normalize_answer(s):
     return s.lower()
 
 
-def to_number(s):
-    """Exact value of a normalised numeric answer (integer, decimal, a/b, \\frac{a}{b}, mixed, 0.\\overline{3}) or None."""
-    if len(s) > 60:
+# Values without a CAS: a small recursive-descent evaluator; exact Fractions while the answer stays rational.
+_TOKEN = re.compile(r"\\(?:frac|sqrt|pi|cdot|times|div|sinh|cosh|tanh|sin|cos|tan|log|ln|exp)|\d+\.?\d*|\.\d+|"
+                    r"[a-z]|[-+*/^(){}\[\]]")
+_FUNCS = {"\\sin": cmath.sin, "\\cos": cmath.cos, "\\tan": cmath.tan, "\\sinh": cmath.sinh, "\\cosh": cmath.cosh,
+          "\\tanh": cmath.tanh, "\\ln": cmath.log, "\\log": cmath.log10, "\\exp": cmath.exp}
+_CONSTANTS = {"e": cmath.e, "i": 1j, "\\pi": cmath.pi}
+_FAILS = (ValueError, ZeroDivisionError, OverflowError, TypeError, RecursionError)
+
+
+class _Evaluation:
+    """The value of a normalised answer's tokens at `point` (variable -> Fraction), by recursive descent: a Fraction
+    while every step is rational, else a complex number (pi, e, i, irrational roots, functions). ValueError on
+    anything it does not know."""
+
+    def __init__(self, toks, point):
+        self.toks, self.at, self.point, self.depth = toks + [""], 0, point, 0
+        self.value = self.expr()
+        if self.at != len(toks):
+            raise ValueError("trailing tokens")
+
+    def take(self, expected=None):
+        tok = self.toks[self.at]
+        if not tok or expected not in (None, tok):
+            raise ValueError(tok)
+        self.at += 1
+        return tok
+
+    def factor_next(self):  # a factor follows with no operator: 3\sqrt5, 2x, 3(m+2)
+        tok = self.toks[self.at]
+        return tok[:1].isalnum() or tok[:1] == "." or tok in ("(", "{", "\\frac", "\\sqrt", "\\pi") or tok in _FUNCS
+
+    def expr(self, level=1):  # every recursion passes here, so this bounds the depth
+        self.depth += 1
+        if self.depth > 120:  # some 30 nested brackets: adversarial, not an answer
+            raise ValueError("too deep")
+        value = self.operators(level)
+        self.depth -= 1
+        return value
+
+    def operators(self, level):  # level 1: + -; 2: * / and implicit products; 3: signs; 4: powers (right-associative)
+        if level == 3 and self.toks[self.at] in ("-", "+"):
+            return -self.expr(3) if self.take() == "-" else self.expr(3)
+        value = self.atom() if level == 4 else self.expr(level + 1)
+        while True:
+            tok = self.toks[self.at]
+            if level == 1 and tok in ("+", "-"):
+                value = value + self.expr(2) if self.take() == "+" else value - self.expr(2)
+            elif level == 2 and tok in ("*", "\\cdot", "\\times", "/", "\\div"):
+                self.take()
+                right = self.expr(3)
+                if tok in ("/", "\\div") and self.factor_next():  # "1/2x": 1/(2x) or x/2? ambiguous, refuse
+                    raise ValueError("1/2x")
+                value = value / right if tok in ("/", "\\div") else value * right
+            elif level == 2 and self.factor_next():
+                value = value * self.expr(4)
+            elif level == 4 and tok == "^":
+                self.take()
+                return self.power(value, self.expr(3))
+            else:
+                return value
+
+    def atom(self):
+        tok = self.take()
+        if tok in ("(", "{"):
+            value = self.expr()
+            self.take(")" if tok == "(" else "}")
+            return value
+        if tok[0].isdigit() or tok[0] == ".":
+            mixed = re.fullmatch(r"\\frac\{(\d+)\}\{(\d+)\}", "".join(self.toks[self.at:self.at + 7]))
+            if mixed and "." not in tok:  # 2\frac{1}{3} is the mixed number 7/3
+                self.at += 7
+                return int(tok) + Fraction(int(mixed[1]), int(mixed[2]))
+            return Fraction(tok)
+        if tok in self.point or tok in _CONSTANTS:
+            return self.point[tok] if tok in self.point else _CONSTANTS[tok]
+        if tok == "\\frac":
+            return self.atom() / self.atom()
+        if tok == "\\sqrt":  # \sqrt{x}, \sqrt[3]{x}
+            index = Fraction(2)
+            if self.toks[self.at] == "[":
+                self.take()
+                index = self.expr()
+                self.take("]")
+            return self.power(self.atom(), 1 / index)
+        if tok not in _FUNCS:
+            raise ValueError(tok)
+        exponent = self.expr(3) if self.toks[self.at] == "^" and self.take() else 1  # \sin^2 x, never \sin^{-1}
+        if exponent.real < 1:
+            raise ValueError("inverse function")
+        if self.toks[self.at] in ("(", "{"):
+            return self.power(_FUNCS[tok](self.atom()), exponent)
+        arg = self.expr(4)
+        while self.toks[self.at] not in _FUNCS and self.factor_next():  # \sin 2x is sin(2x)
+            arg = arg * self.expr(4)
+        return self.power(_FUNCS[tok](arg), exponent)
+
+    def power(self, base, exponent):
+        if abs(exponent) > 4096:
+            raise ValueError("huge power")
+        if isinstance(base, Fraction) and isinstance(exponent, Fraction):
+            if exponent.denominator == 2 and base >= 0:  # \sqrt{9/4} stays exact
+                root = Fraction(math.isqrt(base.numerator), math.isqrt(base.denominator))
+                base, exponent = (root, exponent * 2) if root * root == base else (base, exponent)
+            if exponent.denominator == 1:
+                if abs(exponent) * max(base.numerator.bit_length(), base.denominator.bit_length()) > 65536:
+                    raise ValueError("huge power")
+                return base ** int(exponent)
+        return complex(base) ** complex(exponent)
+
+
+def _tokens(s):
+    """The tokens of a normalised answer, or None when it is text or not a plain expression."""
+    words = re.sub(r"\\[a-z]+", " ", s)  # words ("north"; "no" vs "on") are text, not products of variables
+    if len(s) > MAX_ANSWER_CHARS or re.search(r"[a-z]{3}", words) or re.fullmatch(r"[a-z]{2,}", s):
         return None
+    toks = _TOKEN.findall(s)
+    return toks if "".join(toks) == s else None
+
+
+@functools.lru_cache(maxsize=4096)
+def _values(s):
+    """(variables, values at seeded random points, the same points for the same variables) of a normalised answer,
+    or None when it is not an expression this grader reads."""
+    toks = _tokens(s)
+    if toks is None:
+        return None
+    names = sorted({t for t in toks if t.isalpha() and t not in _CONSTANTS})
+    rnd = random.Random(2024)
+    points = [{v: Fraction(rnd.randint(11, 97), rnd.randint(3, 13)) for v in names} for _ in range(4 if names else 1)]
     try:
-        if re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)", s):
-            return Fraction(s)
-        m = re.fullmatch(r"(-?\d+)/(\d+)", s) or re.fullmatch(r"-?\\frac\{(-?\d+(?:\.\d+)?)\}\{(-?\d+(?:\.\d+)?)\}", s)
-        if m:
-            value = Fraction(m.group(1)) / Fraction(m.group(2))
-            return -value if s.startswith("-\\frac") else value
-        m = re.fullmatch(r"(-?\d*\.?\d+)(?:\\times|\\cdot)10\^\{?(-?\d{1,3})\}?", s)  # 1.5\times10^{3}
-        if m:
-            return Fraction(m.group(1)) * Fraction(10) ** int(m.group(2))
-        m = re.fullmatch(r"(-?)(\d+)\\frac\{(\d+)\}\{(\d+)\}", s)  # 1\frac{4}{5} = 1 + 4/5
-        if m:
-            value = int(m.group(2)) + Fraction(int(m.group(3)), int(m.group(4)))
-            return -value if m.group(1) else value
-        m = re.fullmatch(r"(-?)(\d*)\.(\d*)\\overline\{(\d+)\}", s)  # 0.1\overline{6} = 1/6
-        if m:
-            sign, whole, fixed, rep = m.groups()
-            value = Fraction(int(whole or 0)) + Fraction(int(fixed or 0), 10 ** len(fixed)) \
-                + Fraction(int(rep), (10 ** len(rep) - 1) * 10 ** len(fixed))
-            return -value if sign else value
-    except (ValueError, ZeroDivisionError):
+        return names, [_Evaluation(toks, point).value for point in points]
+    except _FAILS:
         return None
-    return None
+
+
+def to_number(s):
+    """Exact value of a normalised numeric answer (integer, decimal, a/b, \\frac{a}{b}, mixed 1\\frac{4}{5},
+    1.5\\times10^{3}, 2^{10}, 0.\\overline{3}) or None (also for anything irrational, such as \\sqrt{2})."""
+    m = re.fullmatch(r"(-?)(\d*)\.(\d*)\\overline\{(\d+)\}", s)  # 0.1\overline{6} = 1/6
+    if m:
+        sign, whole, fixed, rep = m.groups()
+        value = (int(whole or 0) + Fraction(int(fixed or 0), 10 ** len(fixed))
+                 + Fraction(int(rep), (10 ** len(rep) - 1) * 10 ** len(fixed)))
+        return -value if sign else value
+    values = _values(s)
+    return values[1][0] if values and not values[0] and isinstance(values[1][0], Fraction) else None
+
+
+def _expr_equal(a, b):
+    """Equal as expressions: both read, same variables, and equal at the same points: exactly when all values are
+    rational, else as complex numbers within 1e-9 relative."""
+    va, vb = _values(a), _values(b)
+    if va is None or vb is None or va[0] != vb[0]:
+        return False
+    if all(isinstance(v, Fraction) for v in va[1] + vb[1]):
+        return va[1] == vb[1]
+    if "." in a + b:
+        return False  # a decimal literal never equals an irrational: 3.14159265 is not \pi
+    try:
+        return all(cmath.isfinite(x) and cmath.isfinite(y) and abs(x - y) <= 1e-9 * max(abs(x), abs(y)) + 1e-14
+                   for x, y in zip(va[1], vb[1]))
+    except OverflowError:  # a huge rational against an irrational
+        return False
+
+
+def _matrix(s):
+    """Rows of cells of a matrix or vector in any bracket environment (pmatrix, bmatrix, array...), or None."""
+    m = re.fullmatch(r"\\begin\{([a-z]*matrix|array)\}(?:\{[a-z|]*\})?(.*)\\end\{\1\}", s)
+    return [row.split("&") for row in m[2].split("\\\\") if row] if m else None
 
 
 def _split_top(s):
@@ -873,27 +1057,47 @@ def _split_top(s):
     return parts + [cur]
 
 
+def _strip_parens(s):
+    """"(5)" -> "5"; but a tuple "(1,2)" and a product "(x+1)(x-1)" keep theirs."""
+    depth = 0
+    for ch in s[:-1]:
+        depth += (ch == "(") - (ch == ")")
+        if depth == 0:
+            return s
+    return s[1:-1] if s[-1:] == ")" and len(_split_top(s[1:-1])) == 1 else s
+
+
 def _atom_equal(a, b):
     if a == b:
         return True
     x, y = to_number(a), to_number(b)
-    return x is not None and x == y
+    if x is not None and y is not None:
+        return x == y  # plain numbers compare exactly: 1/2^98 is not 1/2^99
+    return _expr_equal(a, b)
 
 
 def answers_match(pred, gold):
-    """Compare two answers after normalisation: strings, exact rationals, tuples/intervals, unordered lists, letters."""
+    """Compare two answers after normalisation: strings, exact rationals, expressions, tuples/intervals,
+    matrices, unordered lists, letters."""
     g = normalize_answer(gold)
-    if re.fullmatch(r"[a-j]", g):  # multiple choice: only a letter standing alone at the start counts
-        m = re.match(r"[\s*]*(?:\\text\{)?(?:\(([A-Ja-j])\)|([A-Ja-j])(?:[.:,*)}]|\s*$))", pred)  # (B) ..., B) ..., B.
-        return bool(m) and (m.group(1) or m.group(2)).lower() == g
-    if "=" in pred and "=" not in gold:  # "2+3=5 cents": the right side, unless the gold is an equation itself
-        pred = pred.rsplit("=", 1)[1]
+    if re.fullmatch(r"[a-j]", g):  # a letter standing alone at the start: (B), B), B., **B**, $C$, option C
+        p = normalize_answer(pred)
+        m = re.match(r"(?:option|choice)?(?:\(([a-j])\)|([a-j])(?:[.:)]|$))", p)
+        return bool(m) and g in m.groups() and not re.search(r"\([a-j]\)|^[a-j](?:[.:)]|$)", p[m.end():])  # not 2
+    if "=" in pred and "=" not in gold and not _RELATION.search(pred):  # "2+3=5 cents": the right side
+        left, pred = pred.rsplit("=", 1)
+        if normalize_answer(pred) == "0" and re.search("[a-z].", normalize_answer(left)):
+            return False  # "5x-7y+4=0" is an equation, not the value 0
     p = normalize_answer(pred)
-    p, g = (s[1:-1] if s[:1] == "(" and s[-1:] == ")" and len(_split_top(s[1:-1])) == 1 else s for s in (p, g))
+    p, g = _strip_parens(p), _strip_parens(g)
     if not p or not g:
         return False
     if _atom_equal(p, g):
         return True
+    pm, gm = _matrix(p), _matrix(g)
+    if pm or gm:  # matrices and vectors in any bracket environment: element by element, same shape
+        return (bool(pm and gm) and [len(r) for r in pm] == [len(r) for r in gm]
+                and all(_atom_equal(x, y) for pr, gr in zip(pm, gm) for x, y in zip(pr, gr)))
     pb, gb = p[0] in "([{" and p[-1] in ")]}", g[0] in "([{" and g[-1] in ")]}"
     if pb and gb:  # tuples and intervals: same brackets, element by element
         if (p[0], p[-1]) != (g[0], g[-1]):
