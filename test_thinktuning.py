@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from html.parser import HTMLParser
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -1547,6 +1548,11 @@ def test_end_to_end_two_steps_with_teacher(model_dirs, train_file, tmp_path):
             assert s["p"] is None and set(s["weight"]) == {1.0}
         else:
             assert len(s["p"]) == len(s["tokens"]) and all(0 < p <= 1 for p in s["p"])
+    # the report page, written at the end, draws the latest guided rollouts token by token with their weights
+    spans = [a for a, _ in Page((out / "report.html").read_text()).find("span") if "data-tok" in a]
+    latest = sorted(guided, key=lambda s: -s["step"])
+    want = [(tok, w) for s in latest for tok, w in zip(s["tokens"], s["weight"])]
+    assert [(a["data-tok"], None if a["data-w"] == "ppo" else float(a["data-w"])) for a in spans] == want
     assert all(s["reward"] == float(s["gold"] == "5") for s in guided)  # graded on the teacher's answer
     assert (out / "ckpt" / "model.safetensors").exists()
     moved = (weights(out / "ckpt") - weights(model_dirs["bigram"])).abs().max()
@@ -1764,15 +1770,31 @@ def test_end_to_end_eval_every_logs_accuracy(model_dirs, train_file, tmp_path):
     assert row["eval_accuracy"] == 50.0 and row["eval_truncated_pct"] == 0.0
 
 
+def _wilson(k, n, z=1.96):  # written out here from the textbook formula, independent of the file's own
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return 100 * (centre - half), 100 * (centre + half)
+
+
 def test_compare_runs_table(tmp_path, capsys):
-    for name, acc in (("zero-shot", 40.0), ("tt", 47.5)):
+    # two runs on the same 500 questions: 40% and 47.5%; their greedy answers disagree on 5 + 42 questions
+    for name, acc, right in (("zero-shot", 40.0, set(range(200))), ("tt", 47.5, set(range(5, 242)))):
         (tmp_path / name).mkdir()
         (tmp_path / name / "eval.json").write_text(json.dumps({"results": {
-            "math500": {"accuracy": acc}, **({"gsm8k": {"accuracy": 70.25}} if name == "tt" else {})}}))
+            "math500": {"accuracy": acc, "n": 500}, **({"gsm8k": {"accuracy": 70.25, "n": 400}} if name == "tt" else {})}}))
+        (tmp_path / name / "eval_samples.jsonl").write_text("".join(
+            json.dumps({"benchmark": "math500", "index": i, "sample": 0, "correct": i in right}) + "\n" for i in range(500)))
     assert run(["--compare", f"{tmp_path / 'zero-shot'},{tmp_path / 'tt'}"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "| benchmark | zero-shot | tt | paper GRPO | paper ThinkTuning |"
-    assert "| math500 | 40.00 | 47.50 | 45.46 | 47.54 |" in lines and "| gsm8k | - | 70.25 | - | - |" in lines
+    (a0, a1), (b0, b1) = _wilson(200, 500), _wilson(237.5, 500)
+    assert f"| math500 | 40.00 [{a0:.1f}, {a1:.1f}] | 47.50 [{b0:.1f}, {b1:.1f}] | 45.46 | 47.54 |" in lines
+    assert any(line.startswith("| gsm8k | - | 70.25 [") for line in lines)
+    # McNemar: b = 5 (right only in zero-shot), c = 42; p = 2 * sum_{i <= 5} C(47, i) / 2^47
+    p = 2 * sum(math.comb(47, i) for i in range(6)) / 2 ** 47
+    assert (f"math500, tt against zero-shot: 500 questions paired, 5 right only in zero-shot, 42 only in tt, "
+            f"McNemar exact p = {p:.3g}") in lines
     assert run(["--compare", str(tmp_path / "missing")]) == 2
 
 
@@ -1808,6 +1830,227 @@ def test_load_benchmark_unknown_name_lists_the_names(capsys):
 def test_load_benchmark_gpqa_unreachable_says_how_to_get_it():
     with pytest.raises(tt.UserError, match="gated"):
         tt.load_benchmark("gpqa")
+
+
+# --------------------------------------------------------------------------------------------- report page
+VOID = {"meta", "br", "img", "hr", "input", "link"}
+# every per-step curve the page draws from the fake metrics below (peak_mem_gb and kl are never logged)
+METRICS = ["reward", "reward_guided", "reward_unguided", "eval_accuracy", "response_len", "finished_frac",
+           "reflect_rate", "guidance_pct", "clip_frac", "dual_clip_frac", "aas_weight", "grad_norm", "loss",
+           "t_student", "t_teacher", "t_logprob", "t_update"]
+
+
+class Page(HTMLParser):
+    """Every element as (tag, attrs, text inside), and a check that each opened element is closed in order."""
+    def __init__(self, text):
+        super().__init__()
+        self.elements, self.stack = [], []
+        self.feed(text)
+        self.close()
+        assert self.stack == [], f"unclosed: {self.stack}"
+
+    def handle_starttag(self, tag, attrs):
+        self.elements.append([tag, dict(attrs), ""])
+        if tag not in VOID:
+            self.stack.append(self.elements[-1])
+
+    def handle_startendtag(self, tag, attrs):
+        self.elements.append([tag, dict(attrs), ""])
+
+    def handle_endtag(self, tag):
+        assert self.stack and self.stack[-1][0] == tag, f"</{tag}> closes {self.stack[-1:]}"
+        self.stack.pop()
+
+    def handle_data(self, data):
+        for el in self.stack:
+            el[2] += data
+
+    def find(self, tag, **attrs):
+        return [(a, t) for g, a, t in self.elements if g == tag and all(a.get(k) == v for k, v in attrs.items())]
+
+
+def metric_rows():
+    """5 steps, the first two guided; eval at steps 3 and 5; one step without a grad norm."""
+    rows = []
+    for s in range(1, 6):
+        g = s <= 2
+        rows.append({"step": s, "reward": 0.1 * s, "reward_guided": 0.5 if g else None,
+                     "reward_unguided": 0.05 * s, "zero_spread_groups": 1, "guidance_pct": 100 - 25 * s,
+                     "n_selected": 2 if g else 0, "teacher_asked": 2 if g else 0, "n_guided": [2, 1, 0, 0, 0][s - 1],
+                     "teacher_format_pass": 1.0 if g else None, "response_len": 100 + s, "finished_frac": 0.9,
+                     "reflect_rate": 0.1 * s, "loss": -0.01 * s, "grad_norm": None if s == 4 else 0.5,
+                     "skipped_updates": 0, "clip_frac": 0.01, "dual_clip_frac": 0.0,
+                     "aas_weight": 0.97 if g else None, "aas_tokens": 30 if g else 0, "t_student": 3.0,
+                     "t_teacher": 2.0 if g else 0.0, "t_logprob": 0.5, "t_update": 1.5, "extra_key": "x"})
+        if s in (3, 5):
+            rows[-1]["eval_accuracy"] = 20.0 + s
+    return rows
+
+
+GUIDED = [
+    {"step": 1, "question": "What is 2+2?", "gold": "4", "reward": 1.0, "guided": True, "adv": 0.8,
+     "student": "It is 5", "teacher": "Wait, 2+2=4.", "tokens": ["It", " is", " 5", "\n", "Wait", ",", " 2+2=4", "."],
+     "n_student": 4, "p": [0.9, 0.8, 0.001, 0.7, 0.02, 0.5, 0.0004, 0.9],
+     "weight": [None, None, None, None, 0.95, 0.998, 0.2857, 0.999]},
+    {"step": 2, "question": "Is 3 < 5 & \"true\"? " + "x" * 400, "gold": "yes", "reward": 0.0, "guided": True,
+     "adv": -1.25, "student": "No", "teacher": "<hmm> & yes", "tokens": ["No", "<hmm>", " &", " \"yes\""],
+     "n_student": 1, "p": [0.6, 0.005, 0.3, 0.2], "weight": [1.0017, None, 1.0033, 1.005], "new_key": 1},
+]
+
+
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def eval_json(acc_math=40.0):
+    return {"model": "m", "samples": 1, "temperature": 0.0, "max_new_tokens": 512, "limit": 10,
+            "results": {"math500": {"n": 10, "samples": 1, "accuracy": acc_math, "mean_length": 300.0,
+                                    "truncated_pct": 10.0},
+                        "gsm8k": {"n": 10, "samples": 4, "accuracy": 80.0, "mean_length": 120.0,
+                                  "truncated_pct": 0.0, "pass@4": 90.0}}}
+
+
+def eval_preds(correct):
+    return [{"benchmark": "math500", "index": i, "sample": 0, "question": "q", "gold": "1", "response": "r",
+             "extracted": "1", "correct": c, "finished": True, "length": 10} for i, c in enumerate(correct)]
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    out = tmp_path / "run_a"
+    out.mkdir()
+    write_jsonl(out / "metrics.jsonl", metric_rows())
+    unguided = {"step": 3, "question": "q3", "gold": "1", "reward": 0.0, "guided": False, "adv": -0.5,
+                "student": "plain text", "teacher": None}
+    reply = {"step": 1, "kind": "teacher_reply", "text": "Wait...", "passed": True, "why": "ok"}
+    write_jsonl(out / "samples.jsonl", [GUIDED[0], reply, GUIDED[1], unguided])
+    (out / "eval.json").write_text(json.dumps(eval_json()))
+    write_jsonl(out / "eval_samples.jsonl", eval_preds([True] * 4 + [False] * 6))
+    return out
+
+
+def page_of(out, **kw):
+    return Page(open(tt.write_report(str(out), **kw), encoding="utf-8").read())
+
+
+def test_report_parses_with_title_and_no_script(run_dir):
+    page = page_of(run_dir)
+    assert "run_a" in page.find("h1")[0][1]
+    assert not page.find("script") and page.find("style")
+
+
+def test_report_one_curve_per_metric_with_as_many_points_as_steps(run_dir):
+    page, rows = page_of(run_dir), metric_rows()
+    for m in METRICS:
+        lines = page.find("polyline", **{"data-metric": m})
+        assert len(lines) == 1, m
+        want = sum(r.get(m) is not None for r in rows)
+        assert len(lines[0][0]["points"].split()) == want, m
+    assert not page.find("polyline", **{"data-metric": "peak_mem_gb"})  # never logged: no chart
+    assert {a["data-metric"] for a, _ in page.find("svg")} >= {"reward", "clip", "seconds", "eval_accuracy"}
+
+
+def test_report_guided_steps_shaded_in_every_chart(run_dir):
+    page = page_of(run_dir)
+    svgs = [i for i, (g, a, _) in enumerate(page.elements) if g == "svg"]
+    for start, end in zip(svgs, svgs[1:] + [len(page.elements)]):
+        bands = [a for g, a, _ in page.elements[start:end] if g == "rect" and a.get("class") == "band"]
+        assert len(bands) == 1  # steps 1 and 2 are one run of guided steps
+
+
+def test_report_token_spans_equal_sample_tokens_and_weights(run_dir):
+    spans = [a for a, _ in page_of(run_dir).find("span") if "data-tok" in a]
+    want = [(t, w) for s in (GUIDED[1], GUIDED[0]) for t, w in zip(s["tokens"], s["weight"])]  # latest first
+    assert [a["data-tok"] for a in spans] == [t for t, _ in want]
+    assert [None if a["data-w"] == "ppo" else float(a["data-w"]) for a in spans] == [w for _, w in want]
+
+
+def test_report_ppo_tokens_marked_and_teacher_tokens_styled(run_dir):
+    spans = [a for a, _ in page_of(run_dir).find("span") if "data-tok" in a]
+    assert [("ppo" in a["class"].split()) for a in spans] == [a["data-w"] == "ppo" for a in spans]
+    assert sum(a["data-w"] == "ppo" for a in spans) == 5
+    teacher = [a["data-tok"] for a in spans if "tt" in a["class"].split()]
+    assert teacher == GUIDED[1]["tokens"][1:] + GUIDED[0]["tokens"][4:]
+    assert all("background" in a["style"] for a in spans if a["data-w"] != "ppo")
+
+
+def test_report_rollout_header_and_escaping(run_dir):
+    text = open(tt.write_report(str(run_dir)), encoding="utf-8").read()
+    assert "advantage -1.250" in text and "advantage +0.800" in text
+    assert "<hmm>" not in text and "&lt;hmm&gt;" in text
+    assert "x" * 400 not in text  # question truncated
+    assert "\u21b5" in text  # the newline token is visible
+    assert "1 passed the format check" in text
+
+
+def test_report_no_guided_samples(run_dir):
+    write_jsonl(run_dir / "samples.jsonl", [{"step": 1, "question": "q", "gold": "1", "reward": 0.0,
+                                         "guided": False, "adv": 0.0, "student": "just me", "teacher": None}])
+    page = page_of(run_dir)
+    assert not [a for a, _ in page.find("span") if "data-tok" in a]
+    assert "No guided rollouts" in open(run_dir / "report.html").read() and "just me" in open(run_dir / "report.html").read()
+
+
+def test_report_only_eval_json(tmp_path):
+    (tmp_path / "eval.json").write_text(json.dumps(eval_json()))
+    page = page_of(tmp_path)
+    assert not page.find("svg") and page.find("table")
+    assert any("math500" in t for _, t in page.find("td"))
+
+
+def test_report_empty_folder(tmp_path):
+    assert page_of(tmp_path).find("h1")
+
+
+def test_report_eval_table_interval_and_paper(run_dir):
+    cells = [t for _, t in page_of(run_dir).find("td")]
+    assert "40.00 [16.8, 68.7]" in cells  # 4 of 10 questions, Wilson 95%
+    assert "80.00 [49.0, 94.3]" in cells  # 4 samples each, but the trials are the 10 questions: as 8 of 10
+    assert "45.46" in cells and "47.54" in cells
+    assert "pass@4 90.00" in cells
+
+
+def test_report_compare_two_runs(run_dir, tmp_path):
+    other = tmp_path / "run_b"
+    other.mkdir()
+    (other / "eval.json").write_text(json.dumps(eval_json(acc_math=90.0)))
+    write_jsonl(other / "eval_samples.jsonl", eval_preds([True] * 9 + [False]))
+    rows = [a for a in page_of(run_dir, others=[str(other)]).elements if a[0] == "tr"]
+    row = [r[2] for r in rows if "run_b" in r[2] and "math500" in r[2]][0]
+    assert "90.00" in row and "0.0625" in row  # b = 0, c = 5
+
+
+def test_paired_test_counts():
+    a = eval_preds([True, True, False, False, True])
+    b = eval_preds([True, False, True, True, True])[:4] + [{"benchmark": "gsm8k", "index": 4, "correct": False}]
+    assert tt.paired_test(a, b, "math500") == (4, 1, 2, 1.0)
+    later = [{**r, "sample": 1, "correct": not r["correct"]} for r in b]  # non-greedy samples are not paired
+    assert tt.paired_test(a, b + later, "math500") == (4, 1, 2, 1.0)
+
+
+def test_wilson_interval_hand_worked():
+    # p = .8, z^2 = 3.8416: centre = (.8 + .19208) / 1.38416 = .71674, half = 1.96 * sqrt(.016 + .009604) / 1.38416
+    lo, hi = tt.wilson_interval(8, 10)
+    assert lo == pytest.approx(0.4902, abs=1e-4) and hi == pytest.approx(0.9433, abs=1e-4)
+
+
+def test_wilson_interval_edges():
+    assert tt.wilson_interval(0, 10) == pytest.approx((0.0, 3.8416 / 13.8416), abs=1e-9)
+    lo, hi = tt.wilson_interval(10, 10)
+    assert hi == 1.0 and lo == pytest.approx(10 / 13.8416, abs=1e-9)
+    assert tt.wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_mcnemar_exact_hand_worked():
+    assert tt.mcnemar_exact(1, 6) == pytest.approx(2 * (1 + 7) / 128)
+    assert tt.mcnemar_exact(6, 1) == tt.mcnemar_exact(1, 6)
+    assert tt.mcnemar_exact(0, 5) == pytest.approx(0.0625)
+
+
+def test_mcnemar_exact_no_discordant_or_balanced():
+    assert tt.mcnemar_exact(0, 0) == 1.0
+    assert tt.mcnemar_exact(5, 5) == 1.0
 
 
 # --------------------------------------------------------------------------------------------- course kit

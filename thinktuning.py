@@ -32,6 +32,7 @@ import argparse
 import cmath
 import contextlib
 import functools
+import html
 import json
 import math
 import os
@@ -606,8 +607,9 @@ def train(args):
             if stop_requested:
                 print(f"stopped after step {step}, checkpoint saved; continue with: "
                       f"python thinktuning.py --resume {args.out}")
-                return False
-    return True
+                break
+    print(f"wrote {write_report(args.out)}")
+    return not stop_requested
 
 
 # ################################################################################################################
@@ -633,6 +635,8 @@ def machinery_flags(a):
     a("--eval-max-new-tokens", type=int, help="response tokens in evaluation (default: --max-new-tokens)")
     a("--eval-batch-size", type=int, default=64, help="questions per generate call in evaluation")
     a("--compare", help="print one table from the eval.json of comma-separated run folders, paper numbers beside")
+    a("--report", metavar="OUT", help="write OUT/report.html: curves, evaluation, guided rollouts (with --compare: "
+      "against those runs too)")
     a("--eval-every", type=int, default=0, help="during training, evaluate every N steps on --eval-data (0: never)")
     a("--eval-data", default="gsm8k", help="held-out set for --eval-every")
     a("--eval-every-limit", type=int, default=200, help="items of --eval-data used by --eval-every")
@@ -645,7 +649,7 @@ class UserError(Exception):
 
 def check_args(args):
     """Catch bad settings before anything is loaded."""
-    if args.model is None and args.resume is None and not args.compare:
+    if args.model is None and args.resume is None and not args.compare and not args.report:
         raise UserError("--model is required (a Hub name or a local folder)")
     if args.group_size < 2:
         raise UserError(f"--group-size {args.group_size}: GRPO needs at least 2 rollouts per question")
@@ -1896,26 +1900,303 @@ def run_eval(args):
     with open(samples_path, "w") as f:
         f.writelines(kept_preds + [json.dumps(p) + "\n" for p in all_preds])
     print(eval_table(results))
+    print(f"wrote {write_report(args.out)}")
     return results
 
 
 def compare_runs(folders):
-    """One markdown table of accuracy (%) per benchmark for several runs (their OUT/eval.json), paper beside."""
+    """One markdown table of accuracy (%) with its 95% Wilson interval per benchmark and run (their
+    OUT/eval.json), the paper's beside; then McNemar's exact test of each run against the first."""
     runs = {}
     for folder in folders:
         path = os.path.join(folder, "eval.json")
         if not os.path.exists(path):
             raise UserError(f"{folder}: no eval.json (run --eval with --out {folder} first)")
-        runs[os.path.basename(os.path.normpath(folder))] = json.load(open(path))["results"]
-    names = list(dict.fromkeys(b for r in runs.values() for b in r))
+        name = os.path.basename(os.path.normpath(folder))
+        runs[folder if name in runs else name] = (read_json(path).get("results") or {},
+                                                  read_jsonl(os.path.join(folder, "eval_samples.jsonl")))
+    names = list(dict.fromkeys(b for res, _ in runs.values() for b in res))
     lines = ["| benchmark | " + " | ".join(runs) + " | paper GRPO | paper ThinkTuning |",
              "|---|" + "---|" * (len(runs) + 2)]
     for b in names:
-        cells = [f"{r[b]['accuracy']:.2f}" if b in r else "-" for r in runs.values()]
         paper = [f"{x:.2f}" for x in PAPER[b]] if b in PAPER else ["-", "-"]
-        lines.append(f"| {b} | " + " | ".join(cells + paper) + " |")
+        lines.append(f"| {b} | " + " | ".join([acc_cell(res[b]) if b in res else "-" for res, _ in runs.values()]
+                                              + paper) + " |")
+    first, *rest = runs
+    for b in names:
+        for name in rest:
+            n, x, y, p = paired_test(runs[first][1], runs[name][1], b)
+            if n:
+                lines.append(f"{b}, {name} against {first}: {n} questions paired, {x} right only in {first}, "
+                             f"{y} only in {name}, McNemar exact p = {p:.3g}")
+    lines.append("Accuracy [95% Wilson interval]. The paper's numbers are Llama-3.2-3B-Instruct, full benchmarks, "
+                 "greedy pass@1.")
     print("\n".join(lines))
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ the report page
+# One self-contained HTML page (inline SVG and CSS, no script) from whatever a run folder holds.
+# (id, title, series): one small chart each; a chart whose series never have a value is left out.
+CHARTS = [("reward", "reward", "reward reward_guided reward_unguided"), ("loss", "loss", "loss"),
+          ("eval_accuracy", "held-out accuracy %", "eval_accuracy"), ("guidance_pct", "guidance pct", "guidance_pct"),
+          ("response_len", "response length", "response_len"), ("finished_frac", "finished fraction", "finished_frac"),
+          ("reflect_rate", "reflect rate", "reflect_rate"), ("clip", "clip fractions", "clip_frac dual_clip_frac"),
+          ("aas_weight", "mean AAS weight p/d", "aas_weight"), ("grad_norm", "grad norm", "grad_norm"),
+          ("seconds", "seconds per phase", "t_student t_teacher t_logprob t_update"), ("kl", "KL", "kl"),
+          ("peak_mem_gb", "peak GPU memory GB", "peak_mem_gb")]
+COLORS = ["#1f5fa8", "#d2691e", "#2e8b57", "#8b3a8b"]
+CSS = """body{font:14px/1.45 system-ui,sans-serif;margin:24px;color:#222;max-width:1160px}h2{margin-top:28px}
+.charts{display:flex;flex-wrap:wrap;gap:10px}svg text{font:11px sans-serif;fill:#333}.ttl{font-weight:bold}
+.frame{fill:none;stroke:#bbb}.band{fill:#fde9b8}table{border-collapse:collapse}.note,.hdr{color:#555;font-size:13px}
+td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}td{white-space:nowrap}
+td:first-child,th:first-child{text-align:left}
+.roll{border:1px solid #ccc;border-radius:4px;margin:14px 0;padding:8px}.sw{padding:0 8px;border:1px solid #ccc}
+.toks{font:13px/1.9 monospace;white-space:pre-wrap;word-break:break-word}.tt{color:#0b3d91;font-style:italic}
+.toks span{box-shadow:inset -1px 0 #d4d4d4}
+.cut{color:#fff;background:#0b3d91;font:bold 11px sans-serif;padding:0 4px;margin:0 4px}
+.ppo{outline:1px dotted #444;background:repeating-linear-gradient(45deg,#ddd 0 3px,#fff 3px 6px)}"""
+
+
+def num(v):
+    """A finite float, or None (null, NaN, text, bool: no value this step)."""
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    return float(v) if ok else None
+
+
+def read_jsonl(path):
+    """The JSON objects of a jsonl file; [] when missing. A torn line (a run killed mid-write) is skipped."""
+    rows = []
+    for line in open(path, encoding="utf-8") if os.path.exists(path) else []:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            pass
+    return [r for r in rows if isinstance(r, dict)]
+
+
+def wilson_interval(k, n, z=1.96):
+    """95% Wilson score interval (lo, hi) for k successes in n trials; stays inside [0, 1] even at k = 0 or n."""
+    if n <= 0:
+        return 0.0, 1.0
+    p, zz = k / n, z * z
+    centre, half = (p + zz / (2 * n)) / (1 + zz / n), z * math.sqrt(p * (1 - p) / n + zz / (4 * n * n)) / (1 + zz / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def mcnemar_exact(b, c):
+    """Two-sided exact McNemar p: under no difference each discordant pair goes either way with chance 1/2."""
+    if b + c == 0:
+        return 1.0
+    return min(1.0, 2 * sum(math.comb(b + c, i) for i in range(min(b, c) + 1)) / 2 ** (b + c))
+
+
+def paired_test(samples_a, samples_b, benchmark):
+    """(n_paired, b, c, p) on one benchmark's greedy answers (sample 0) of two runs, paired by question index;
+    b = A right and B wrong, c = A wrong and B right."""
+    def greedy(rows): return {r.get("index"): bool(r.get("correct")) for r in rows
+                              if r.get("benchmark") == benchmark and r.get("sample", 0) == 0}
+    a, bb = greedy(samples_a), greedy(samples_b)
+    both = a.keys() & bb.keys()
+    b, c = sum(a[i] and not bb[i] for i in both), sum(bb[i] and not a[i] for i in both)
+    return len(both), b, c, mcnemar_exact(b, c)
+
+
+def line_chart(cid, title, steps, series, bands):
+    """One small SVG line chart; series = [(metric, values aligned with steps, None = no value)]. Steps without
+    a value are skipped, so each polyline has exactly one point per step that logged the metric."""
+    W, H, L, R, T, B = 370, 180, 52, 12, 34, 22  # size and margins in px: room for the title and labels
+    lines = [(m, pts, col) for (m, vals), col in zip(series, COLORS)
+             for pts in [[(s, v) for s, v in zip(steps, vals) if v is not None]] if pts]
+    if not lines:
+        return ""
+    ys = [v for _, pts, _ in lines for _, v in pts]
+    x0, x1, y0, y1 = min(steps), max(steps), min(ys), max(ys)
+    def X(s): return L + (s - x0) / ((x1 - x0) or 1) * (W - L - R)
+    def Y(v): return H - B - 5 - (v - y0) / ((y1 - y0) or 1) * (H - T - B - 10)  # 5 px off the frame
+    half = (W - L - R) / max(1, len(steps) - 1) / 2  # a guided step's band is one step wide, centred on it
+    out = [f'<svg data-metric="{cid}" width="{W}" height="{H}" viewBox="0 0 {W} {H}">']
+    for a, b in bands:
+        lo, hi = max(L, X(a) - half), min(W - R, X(b) + half)
+        out.append(f'<rect class="band" x="{lo:.1f}" y="{T}" width="{hi - lo:.1f}" height="{H - T - B}"/>')
+    out.append(f'<rect class="frame" x="{L}" y="{T}" width="{W - L - R}" height="{H - T - B}"/>')
+    for m, pts, col in lines:
+        xy = " ".join(f"{X(s):.1f},{Y(v):.1f}" for s, v in pts)
+        out.append(f'<polyline data-metric="{m}" fill="none" stroke="{col}" stroke-width="1.6" points="{xy}"/>')
+        if len(pts) <= 40:  # dots keep a lone point (one eval, one guided step) visible
+            out += [f'<circle cx="{X(s):.1f}" cy="{Y(v):.1f}" r="2.2" fill="{col}"/>' for s, v in pts]
+    legend = "".join(f'<tspan fill="{c}">\u25a0</tspan> {m}  ' for m, _, c in lines) if len(series) > 1 else ""
+    out += [f'<text class="ttl" x="4" y="14">{html.escape(title)}</text>', f'<text x="4" y="28">{legend}</text>',
+            f'<text x="{L - 4}" y="{Y(y1) + 4:.0f}" text-anchor="end">{y1:.3g}</text>',
+            f'<text x="{L - 4}" y="{Y(y0) + 4:.0f}" text-anchor="end">{y0:.3g}</text>' if y0 != y1 else "",
+            f'<text x="{L}" y="{H - 6}">step {x0:g}</text>',
+            f'<text x="{W - R}" y="{H - 6}" text-anchor="end">{x1:g}</text></svg>']
+    return "\n".join(out)
+
+
+def curves_section(rows):
+    """Every chart of CHARTS over the logged steps, the steps with guided rollouts shaded."""
+    if not rows:
+        return '<p class="note">No metrics.jsonl in this folder.</p>'
+    steps = [num(r.get("step")) if num(r.get("step")) is not None else i for i, r in enumerate(rows)]
+    bands = []  # [first, last] step of each run of consecutive guided steps
+    for i, r in enumerate(rows):
+        if (num(r.get("n_guided")) or 0) > 0:
+            if bands and bands[-1][1] == steps[i - 1]:
+                bands[-1][1] = steps[i]
+            else:
+                bands.append([steps[i], steps[i]])
+    n_guided = sum((num(r.get("n_guided")) or 0) > 0 for r in rows)
+    charts = [line_chart(cid, title, steps, [(m, [num(r.get(m)) for r in rows]) for m in ms.split()], bands)
+              for cid, title, ms in CHARTS]
+    return (f'<p class="note">{len(rows)} steps logged, {n_guided} with guided rollouts (shaded). Labels: min and '
+            f'max value (left), first and last step (bottom).</p><div class="charts">{"".join(charts)}</div>')
+
+
+def acc_cell(r):
+    """'47.5 [43.1, 51.9]': accuracy % and its 95% Wilson interval. Trials = the n questions, not n * samples:
+    the samples of one question are not independent, so counting them all would make the interval too narrow."""
+    n, acc = num(r.get("n")) or 0, num(r.get("accuracy"))
+    lo, hi = wilson_interval((acc or 0) / 100 * n, n)
+    return "-" if acc is None else f"{acc:.2f} [{100 * lo:.1f}, {100 * hi:.1f}]"
+
+
+def table(head, rows):
+    """An HTML table: head is 'col|col|...', rows are lists of cells already escaped."""
+    th = "".join(f"<th>{h}</th>" for h in head.split("|"))
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><tr>{th}</tr>{body}</table>"
+
+
+def eval_section(ev):
+    """Per benchmark: n, accuracy with its interval, pass@k, length, truncation, and the paper's Table 1."""
+    res = ev.get("results") or {}
+    if not res:
+        return '<p class="note">No eval.json in this folder.</p>'
+    rows = []
+    for b, r in res.items():
+        pk = [f"{k} {v:.2f}" for k, v in r.items() if k.startswith("pass@") and num(v) is not None]
+        paper = [f"{x:.2f}" for x in PAPER[b]] if b in PAPER else ["-", "-"]
+        rows.append([html.escape(b), r.get("n", "-"), r.get("samples", "-"), acc_cell(r), ", ".join(pk) or "-",
+                     f"{num(r.get('mean_length')) or 0:.0f}", f"{num(r.get('truncated_pct')) or 0:.1f}", *paper])
+    conf = ", ".join(f"{k} {html.escape(str(v))}" for k, v in ev.items() if k != "results")
+    head = "benchmark|n|samples|accuracy % [95% CI]|pass@k %|mean length|truncated %|paper GRPO|paper ThinkTuning"
+    return (f'<p class="note">{conf}</p>' + table(head, rows) + '<p class="note">95% Wilson interval over the n '
+            "questions (not n &times; samples: one question's samples are not independent). The paper's numbers are "
+            "for Llama-3.2-3B-Instruct, full benchmarks, greedy pass@1: not comparable to another model or to an "
+            "--eval-limit subset.</p>")
+
+
+def compare_section(folders):
+    """Each run's accuracy and interval per benchmark, and the exact McNemar p of its greedy answers against
+    the first run's on the same questions."""
+    runs = [(os.path.basename(os.path.normpath(f)), read_json(os.path.join(f, "eval.json")).get("results") or {},
+             read_jsonl(os.path.join(f, "eval_samples.jsonl"))) for f in folders]
+    rows = []
+    for b in dict.fromkeys(b for _, res, _ in runs for b in res):
+        for i, (name, res, preds) in enumerate(runs):
+            n, x, y, p = paired_test(runs[0][2], preds, b) if i else (0, 0, 0, None)
+            cmp = [n, x, y, f"{p:.3g}"] if i and n else ["-"] * 4
+            rows.append([html.escape(b), html.escape(name), acc_cell(res[b]) if b in res else "-", *cmp])
+    head = "benchmark|run|accuracy % [95% CI]|paired n|b: first right, this wrong|c: first wrong, this right|McNemar p"
+    return table(head, rows) + ('<p class="note">McNemar: exact two-sided binomial test on the questions where '
+                                "the two runs' greedy answers disagree; p &lt; 0.05 suggests a real difference.</p>")
+
+
+def weight_style(w):
+    """A token's background by its AAS weight p/d, on a log scale that is full at half or double: white at 1,
+    orange below (AAS damps the token's push), blue above (negative advantage: the push away is stronger)."""
+    if num(w) is None:
+        return ""
+    t = min(1.0, abs(math.log(max(w, 1e-9))) / math.log(2))
+    r, g, b = (255, 255 - 110 * t, 255 - 230 * t) if w < 1 else (255 - 170 * t, 255 - 110 * t, 255)
+    return f"background:rgb({r:.0f},{g:.0f},{b:.0f})"
+
+
+def token_spans(s):
+    """A guided response token by token, each span carrying data-tok and data-w (its weight, or 'ppo')."""
+    toks, ws, ps = s["tokens"], s.get("weight"), s.get("p") or []
+    if not isinstance(ws, list) or len(ws) != len(toks):  # weights not logged: unknown, not PPO
+        ws = ["?"] * len(toks)
+    n_s, out = s.get("n_student", len(toks)), []
+    for i, (tok, w) in enumerate(zip(map(str, toks), ws)):
+        if i == n_s:
+            out.append('<b class="cut">teacher \u25b8</b>')
+        p, wn = num(ps[i]) if i < len(ps) else None, num(w)
+        tip = ("" if p is None else f"p={p:.3g} ") + ("routed to PPO" if w is None else f"p/d={w}")
+        cls = ("s" if i < n_s else "tt") + (" ppo" if w is None else "")
+        text = html.escape(tok).replace("\n", "\u21b5\n")  # a visible mark, then the line break (pre-wrap)
+        out.append(f'<span class="{cls}" data-tok="{html.escape(tok)}" data-w="{"ppo" if w is None else w}" '
+                   f'title="{html.escape(tip)}" style="{weight_style(wn)}">{text}</span>')
+    return "".join(out)
+
+
+def rollout_block(s):
+    """One rollout: step, reward, advantage, gold and the (truncated) question above its text."""
+    def f(v, spec): return "-" if num(v) is None else format(num(v), spec)
+    q = str(s.get("question", ""))
+    hdr = (f"<b>step {s.get('step')}</b> &middot; reward {f(s.get('reward'), '.3g')} &middot; advantage "
+           f"{f(s.get('adv'), '+.3f')} &middot; gold {html.escape(str(s.get('gold')))}<br>"
+           f"Q: {html.escape(q[:200])}{'&hellip;' if len(q) > 200 else ''}")
+    if isinstance(s.get("tokens"), list):
+        body = token_spans(s)
+    else:  # unguided rollouts, or guided ones logged without tokens: plain text
+        body = html.escape(str(s.get("student", "")))
+        if isinstance(s.get("teacher"), str):
+            body += f'<b class="cut">teacher \u25b8</b><span class="tt">{html.escape(s["teacher"])}</span>'
+    return f'<div class="roll"><div class="hdr">{hdr}</div><div class="toks">{body}</div></div>'
+
+
+def rollouts_section(samples, shown=6):
+    """The latest guided rollouts, token by token; without any, the latest two unguided ones as text."""
+    replies = [s for s in samples if s.get("kind") == "teacher_reply"]
+    rolls = [s for s in samples if s.get("kind", "rollout") == "rollout" and "student" in s]
+    guided = sorted((s for s in rolls if s.get("guided")), key=lambda s: -(num(s.get("step")) or 0))
+    ok = sum(bool(r.get("passed")) for r in replies)
+    note = (f"<p class='note'>Teacher replies: {ok} passed the format check, {len(replies) - ok} failed.</p>"
+            if replies else "")
+    sw = "".join(f'<span class="sw" style="{weight_style(w)}">{w}</span>' for w in (0.5, 0.7, 0.9, 1, 1.1, 1.5))
+    legend = (f'<p class="note">AAS weight p/d: {sw} <span class="sw ppo">PPO</span> &nbsp; student text, '
+              f'<span class="tt">teacher text</span>. Hover a token for p and p/d.</p>')
+    if not guided:  # e.g. a vanilla GRPO run: show what the student wrote instead
+        latest = rolls[::-1][:2]
+        head = "No guided rollouts logged" + ("; the latest unguided ones:" if latest else ".")
+        return note + f'<p class="note">{head}</p>' + "".join(rollout_block(s) for s in latest)
+    return legend + note + "".join(rollout_block(s) for s in guided[:shown])
+
+
+def read_json(path):
+    """A JSON object from a file; {} when missing or unreadable."""
+    try:
+        return json.load(open(path, encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+EXPLAIN = ("Shaded bands in the charts: steps where at least one rollout had the teacher's feedback spliced onto it. "
+           "In the guided rollouts below, the student's tokens are plain black, the teacher's blue italic after a "
+           "<b>teacher &#9656;</b> marker. A token's background is its AAS weight p/d, the factor on its gradient: "
+           "white near 1 (as an ordinary token), orange below 1 (a token the student found very unlikely: its push is "
+           "damped), blue above 1 (negative advantage: pushed away harder). Hatched tokens with a dotted outline went "
+           "to the PPO loss instead (negative advantage and p &lt; 0.01, or student tokens when only the teacher's "
+           "are shaped).")
+
+
+def write_report(out, others=()):
+    """Write OUT/report.html from whichever of metrics.jsonl, samples.jsonl, eval.json the folder holds; with
+    others (more run folders), a table comparing their evals to this run's. Returns the page's path."""
+    name = html.escape(os.path.basename(os.path.normpath(out)))
+    parts = [f"<h1>ThinkTuning run: {name}</h1>", f"<p>{EXPLAIN}</p>", "<h2>Training curves</h2>",
+             curves_section(read_jsonl(os.path.join(out, "metrics.jsonl"))), "<h2>Evaluation</h2>",
+             eval_section(read_json(os.path.join(out, "eval.json")))]
+    if others:
+        parts += ["<h2>Against other runs</h2>", compare_section([out, *others])]
+    parts += ["<h2>Guided rollouts</h2>", rollouts_section(read_jsonl(os.path.join(out, "samples.jsonl")))]
+    head = f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{name}</title><style>{CSS}</style></head>'
+    path = os.path.join(out, "report.html")
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(head + "<body>\n" + "\n".join(parts) + "\n</body></html>\n")
+    return path
 
 
 # ------------------------------------------------------------------------------------------------ exercises
@@ -1961,8 +2242,11 @@ def main(argv=None):
         if args.resume:
             args = resume_args(parser, argv)
         check_args(args)
-        if args.compare:
-            compare_runs([f.strip() for f in args.compare.split(",") if f.strip()])
+        folders = [f.strip() for f in (args.compare or "").split(",") if f.strip()]
+        if args.report:
+            print(f"wrote {write_report(args.report, [f for f in folders if f != args.report])}")
+        elif args.compare:
+            compare_runs(folders)
         elif args.eval:
             run_eval(args)
         elif not train(args):
