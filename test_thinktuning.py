@@ -1262,20 +1262,6 @@ def test_generate_plain_ignores_the_checkpoints_sampling_defaults(tok):
     assert model.generation_config.top_k == 2 and model.generation_config.min_p == 0.3  # handed back intact
 
 
-def test_generate_static_prefills_in_chunks(tok, monkeypatch):
-    # prompts of 10 columns prefilled 3 columns at a time sample the same tokens as generate_plain
-    monkeypatch.setattr(tt, "PREFILL_CHUNK", 3)
-    model = make_model(tok, seed=3)
-    prompts, stops = [[0, 3, 9, 1, 0, 4], [0, 3, 10, 11, 12, 13, 14, 1, 0, 4], [0, 4]], [tok.eos_token_id]
-    for temperature in (0.0, 1.0):
-        torch.manual_seed(7)
-        plain = tt.generate_plain(model, prompts, tt.Sampling(stops, tok.pad_token_id, 12, temperature, 1.0))
-        torch.manual_seed(7)
-        fast = tt.generate_static(model, prompts, tt.Sampling(stops, tok.pad_token_id, 12, temperature, 1.0,
-                                                              batch=3, prompt_len=10))
-        assert [tt.cut_at_stop(r, set(stops)) for r in plain] == [tt.cut_at_stop(r, set(stops)) for r in fast]
-
-
 def test_generate_static_without_any_padding(tok):
     # equal-length prompts and a cache exactly that long: no row is padded, so only the causal mask keeps the
     # decode step from attending to cache slots not written yet (transformers may skip an all-ones mask)

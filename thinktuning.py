@@ -1276,8 +1276,6 @@ def stop_ids(tok, model):
 # the cache's memory is handed back after every call, so that the update can use it: the next call allocates
 # it again and the CUDA graph is re-recorded if its address moved (no recompilation).
 _STATIC = {}
-SPLIT_KV_BELOW = 64  # rows x KV heads under which decode attention splits the cache length (split_kv_attention)
-PREFILL_CHUNK = 512  # prompt columns per prefill forward: bounds the sampler's peak memory above its KV cache
 
 
 def left_pad(seqs, pad_id, device, width=None):
@@ -1327,31 +1325,9 @@ def decode_attention(module, query, key, value, attention_mask, **kwargs):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     B, H, _, D = query.shape
     q = query.view(B, H // groups, groups, D)  # [B, KVH, G, D]: query head h = kv head h // G, row h % G
-    scale = kwargs.get("scaling") or D ** -0.5
-    if B * (H // groups) < SPLIT_KV_BELOW:  # few (row, KV head) pairs: split the cache length instead
-        out = split_kv_attention(q, key, value, attention_mask, scale)  # [B, KVH, G, D]
-    else:
-        out = F.scaled_dot_product_attention(q, key, value, attn_mask=attention_mask, scale=scale)  # mask [B,1,1,L]
+    out = F.scaled_dot_product_attention(q, key, value, attn_mask=attention_mask,
+                                         scale=kwargs.get("scaling"))  # [B, KVH, G, D]; mask [B, 1, 1, L]
     return out.reshape(B, 1, H, D), None  # [B, 1, H, D], the layout attention modules expect back
-
-
-def split_kv_attention(q, key, value, mask, scale):
-    """Flash-decoding written in torch: a fused decode kernel gives each (row, KV head) pair one block of GPU
-    threads, so 8 teacher rows x 2 KV heads keep 16 of 132 SMs busy. Here the cache length L is cut into S
-    chunks attended separately, then merged by their softmax maxima and sums. q: [B, KVH, G, D]; key, value:
-    [B, KVH, L, D]; mask: [B, 1, 1, L] (True: attend) or None. Returns [B, KVH, G, D]."""
-    B, KVH, L, D = key.shape
-    S = max((s for s in range(1, 65) if L % s == 0 and L // s >= 64), default=1)
-    k, v = key.view(B, KVH, S, L // S, D), value.view(B, KVH, S, L // S, D)
-    scores = torch.einsum("bhgd,bhsld->bhsgl", q, k).float() * scale  # [B, KVH, S, G, L/S]
-    if mask is not None:
-        mask = mask.reshape(B, 1, S, 1, L // S)
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-    top = scores.amax(-1, keepdim=True).clamp(min=-1e30)  # [B, KVH, S, G, 1]; finite for a fully masked chunk
-    p = (scores - top).exp()  # [B, KVH, S, G, L/S]
-    part = torch.einsum("bhsgl,bhsld->bhsgd", p.to(v.dtype), v).float()  # [B, KVH, S, G, D]
-    share = (top - top.amax(2, keepdim=True)).exp()  # [B, KVH, S, G, 1]: each chunk's weight in the merge
-    return ((share * part).sum(2) / (share * p.sum(-1, keepdim=True)).sum(2)).to(q.dtype)  # [B, KVH, G, D]
 
 
 def _use_decode_attention(model):
@@ -1428,10 +1404,8 @@ def generate_static(model, prompts, how, desc="sample"):
     dec["cache"].reset()
     full_mask = torch.cat([mask, mask.new_ones(batch, max_new)], 1)  # [B, L]: fixed, so one compiled graph
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, P]
-    for a in range(0, prompt_len, PREFILL_CHUNK):  # prefill in chunks of columns: a fraction of its activations
-        logits = model(input_ids=ids[:, a:a + PREFILL_CHUNK], attention_mask=full_mask, use_cache=True,
-                       position_ids=positions[:, a:a + PREFILL_CHUNK], logits_to_keep=1,
-                       **{dec["kw"]: dec["cache"]}).logits[:, -1].float()
+    logits = model(input_ids=ids, attention_mask=full_mask, position_ids=positions, use_cache=True,
+                   logits_to_keep=1, **{dec["kw"]: dec["cache"]}).logits[:, -1].float()
     next_pos = mask.sum(-1, keepdim=True)  # [B, 1]: position of the first new token
     stop_t = torch.tensor(how.stops, device=model.device)
     out = torch.full((batch, max_new), pad_id, dtype=torch.long, device=model.device)
