@@ -11,6 +11,7 @@ import math
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -1553,17 +1554,21 @@ def test_end_to_end_two_steps_without_teacher(model_dirs, train_file, tmp_path):
     assert all(r["guidance_pct"] == 0 for r in rows)
 
 
-def test_end_to_end_start_up_warns_when_the_disk_cannot_hold_a_checkpoint(model_dirs, train_file, tmp_path, capsys,
-                                                               monkeypatch):
+def test_end_to_end_start_up_refuses_when_the_disk_cannot_hold_a_checkpoint(model_dirs, train_file, tmp_path, capsys,
+                                                                         monkeypatch):
     assert run(base_args(model_dirs["random"], train_file, tmp_path / "a", "--no-teacher", "--steps", 1)) == 0
-    out = capsys.readouterr().out
-    assert "checkpoints: about" in out and "not enough free disk" not in out
+    assert "checkpoints: about" in capsys.readouterr().out
     # the tiny model's checkpoint holds 25,056 parameters x 12 bytes (fp32 weights + two AdamW moments)
-    for free, warned in ((25_056 * 12, False), (25_056 * 12 - 1, True)):
+    for free, refused in ((25_056 * 12, False), (25_056 * 12 - 1, True)):
         monkeypatch.setattr(tt.shutil, "disk_usage", lambda path: type("Usage", (), {"free": free})())
-        assert run(base_args(model_dirs["random"], train_file, tmp_path / f"b{free}", "--no-teacher",
-                             "--steps", 1)) == 0
-        assert ("note: not enough free disk for a checkpoint" in capsys.readouterr().out) == warned
+        out = tmp_path / f"b{free}"
+        assert run(base_args(model_dirs["random"], train_file, out, "--no-teacher", "--steps", 1)) == 2 * refused
+        err = capsys.readouterr().err.strip()
+        last = err.splitlines()[-1] if err else ""  # after transformers' weight-loading bar
+        assert (last.startswith("error:") and "a checkpoint needs" in last and "--ignore-disk" in last) == refused
+        assert (out / "ckpt").exists() == (out / "metrics.jsonl").exists() == (not refused)
+    assert run(base_args(model_dirs["random"], train_file, tmp_path / "c", "--no-teacher", "--steps", 1,
+                         "--ignore-disk")) == 0  # the override starts anyway
 
 
 def test_print_plan_memory_estimate_and_gpu_warning_by_hand(tok, tmp_path, monkeypatch, capsys):
@@ -1653,6 +1658,13 @@ def test_end_to_end_interrupted_save_keeps_previous_checkpoint(model_dirs, train
     (["--group-size", 1], "--group-size"),
     (["--minibatches", 3], "--minibatches 3 must divide the 8 rollouts"),
     (["--device", "cuda"], "no CUDA GPU"),
+    (["--device", "gpu"], "use auto, cpu, cuda or cuda:N"),
+    (["--lr=-1e-6"], "--lr and --grad-clip must be > 0"),
+    (["--eval-limit", 0, "--eval", "gsm8k"], "--eval-limit must be at least 1"),
+    (["--eval-limit", -5, "--eval", "gsm8k"], "--eval-limit must be at least 1"),
+    (["--eval-max-new-tokens", 0], "--eval-max-new-tokens must be at least 1"),
+    (["--eval", ","], "names no benchmark"),
+    (["--no-teacher", "--teacher", "x"], "--no-teacher and --teacher contradict"),
 ])
 def test_check_args_bad_settings_fail_in_one_line(model_dirs, train_file, tmp_path, capsys, extra, needle):
     if extra[0] == "--device" and torch.cuda.is_available():
@@ -1696,6 +1708,158 @@ def test_end_to_end_non_finite_loss_skips_the_update(model_dirs, train_file, tmp
     assert run(base_args(model_dirs["random"], train_file, out, "--no-teacher", "--steps", 1)) == 0
     assert read_jsonl(out / "metrics.jsonl")[0]["skipped_updates"] == 2
     assert torch.equal(weights(out / "ckpt"), weights(model_dirs["random"]))
+
+
+@pytest.fixture(scope="module")
+def trained(model_dirs, train_file, tmp_path_factory):
+    """A run folder after one step of vanilla GRPO (copy it before changing it)."""
+    out = tmp_path_factory.mktemp("trained") / "run"
+    assert run(base_args(model_dirs["random"], train_file, out, "--no-teacher", "--steps", 1)) == 0
+    return out
+
+
+def copy_run(trained, tmp_path, name="run"):
+    shutil.copytree(trained, tmp_path / name)
+    return tmp_path / name
+
+
+def one_line_error(capsys, needle):
+    """The command's last stderr line is one error naming the problem (transformers' loading bars may precede)."""
+    err = capsys.readouterr().err.strip().splitlines()
+    return bool(err) and err[-1].startswith("error:") and needle in err[-1] and sum("error" in e for e in err) == 1
+
+
+def test_to_problems_checks_every_row(tmp_path, capsys):
+    rows = [{"question": "a", "answer": "so 4\n#### 4"}, {"question": "b", "answer": "a worked solution, no gold"},
+            {"question": "c", "answer": None}, {"question": "", "answer": "#### 2"}, {"question": "e", "answer": "#### 7"}]
+    probs = tt.to_problems(rows, "mixed")
+    assert [p["gold"] for p in probs] == ["4", "7"] and "3 of 5 rows skipped" in capsys.readouterr().out
+    with pytest.raises(tt.UserError, match="no row has a usable answer"):
+        tt.to_problems(rows[1:4], "bad")
+    assert [p["gold"] for p in tt.to_problems([{"problem": "p", "answer": "\\frac12"}], "math")] == ["\\frac12"]
+
+
+def test_eval_label_lines_up_with_the_paper_and_never_collides():
+    assert tt.eval_label("math500", {}) == "math500"
+    assert tt.eval_label("data/gsm8k_test.jsonl", {}) == "gsm8k" and tt.eval_label("x/mini.jsonl", {}) == "mini"
+    assert tt.eval_label("b/mini.jsonl", {"mini": 1}) == "b/mini.jsonl"
+
+
+def test_end_to_end_resume_eval_evaluates_the_checkpoint(trained, model_dirs, train_file, tmp_path, capsys):
+    out = copy_run(trained, tmp_path)
+    assert run(["--resume", out, "--eval", train_file, "--eval-limit", 2, "--max-new-tokens", 8]) == 0
+    ev = json.load(open(out / "eval.json"))
+    assert ev["model"] == str(out / "ckpt") and ev["limit"] == 2 and ev["max_new_tokens"] == 8
+    assert ev["samples"] == 1 and ev["temperature"] == 0.0 and ev["results"]["train"]["n"] == 2
+    assert "error" not in capsys.readouterr().err
+
+
+def test_end_to_end_resume_says_where_and_keeps_a_history(trained, tmp_path, capsys):
+    out = copy_run(trained, tmp_path)
+    assert run(["--resume", out, "--steps", 2]) == 0
+    assert f"resuming {out} from step 2 (checkpoint of step 1)" in capsys.readouterr().out
+    assert [json.loads(line)["first_step"] for line in open(out / "args_history.jsonl")] == [1, 2]
+    assert run(["--resume", out, "--steps", 3, "--out", tmp_path / "elsewhere"]) == 2
+    assert one_line_error(capsys, "cannot move it")
+    with pytest.raises(SystemExit):  # abbreviated flags are refused, not silently ignored
+        run(["--resume", out, "--step", 3])
+
+
+def test_end_to_end_folder_without_a_checkpoint_can_be_reused(model_dirs, train_file, tmp_path, capsys):
+    out = tmp_path / "crashed"  # a run killed before its first checkpoint left only its logs
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1, "reward": 0.0}\n')
+    assert run(base_args(model_dirs["random"], train_file, out, "--no-teacher", "--steps", 1)) == 0
+    assert (out / "metrics.jsonl.aborted").read_text() == '{"step": 1, "reward": 0.0}\n'
+    assert len(read_jsonl(out / "metrics.jsonl")) == 1 and (out / "ckpt").exists()
+
+
+def test_end_to_end_failed_save_keeps_the_previous_checkpoint(trained, tmp_path, capsys, monkeypatch):
+    out = copy_run(trained, tmp_path)
+    before = weights(out / "ckpt")
+    real_save = tt.torch.save
+
+    def full_disk(obj, path, *a, **k):
+        if str(path).endswith("trainer_state.pt"):
+            raise OSError(28, "No space left on device")
+        return real_save(obj, path, *a, **k)
+
+    monkeypatch.setattr(tt.torch, "save", full_disk)
+    assert run(["--resume", out, "--steps", 2]) == 2
+    assert one_line_error(capsys, "the previous checkpoint is intact")
+    assert not (out / "ckpt.tmp").exists() and torch.equal(weights(out / "ckpt"), before)
+    monkeypatch.setattr(tt.torch, "save", real_save)
+    assert run(["--resume", out, "--steps", 2]) == 0  # the folder is resumable
+
+
+def test_end_to_end_save_killed_between_renames_is_recovered(trained, tmp_path, capsys):
+    out = copy_run(trained, tmp_path)
+    os.rename(out / "ckpt", out / "ckpt.old")  # the state after the first of the two renames
+    assert run(["--resume", out, "--steps", 2]) == 0
+    assert "previous checkpoint (ckpt.old) is back" in capsys.readouterr().out and (out / "ckpt").exists()
+
+
+def test_end_to_end_resume_after_the_model_folder_moved(model_dirs, train_file, tmp_path, capsys):
+    src = tmp_path / "models" / "m"
+    shutil.copytree(model_dirs["bigram"], src)
+    out = tmp_path / "run"
+    assert run(base_args(str(src), train_file, out, "--steps", 1, "--schedule-steps", 30)) == 0
+    os.rename(src, tmp_path / "models" / "moved")
+    assert run(["--resume", out, "--steps", 2]) == 2
+    assert one_line_error(capsys, "pass its new place with --model")
+    assert run(["--resume", out, "--steps", 2, "--model", tmp_path / "models" / "moved"]) == 0
+
+
+def test_end_to_end_damaged_files_fail_in_one_line(trained, train_file, tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert run(["--model", "x", "--train-data", empty, "--device", "cpu", "--out", tmp_path / "e"]) == 2
+    assert one_line_error(capsys, "empty.jsonl")
+    out = copy_run(trained, tmp_path, "state")
+    (out / "ckpt" / "trainer_state.pt").write_bytes(b"PK\x03\x04 cut short")
+    assert run(["--resume", out, "--steps", 2]) == 2 and one_line_error(capsys, "checkpoint is damaged")
+    out = copy_run(trained, tmp_path, "weights")
+    (out / "ckpt" / "model.safetensors").write_bytes(b"cut short")
+    assert run(["--model", out / "ckpt", "--eval", train_file, "--out", tmp_path / "ev"]) == 2
+    assert one_line_error(capsys, "could not load the model weights")
+    out = copy_run(trained, tmp_path, "config")
+    (out / "ckpt" / "config.json").write_text("{ not json")
+    assert run(["--model", out / "ckpt", "--eval", train_file, "--out", tmp_path / "ev"]) == 2
+    assert one_line_error(capsys, "complete model folder")
+    assert run(["--model", trained, "--eval", train_file, "--out", tmp_path / "ev"]) == 2
+    assert one_line_error(capsys, f"its model is {trained / 'ckpt'}")
+
+
+def test_end_to_end_torn_metrics_line_is_dropped_on_resume(trained, tmp_path, capsys):
+    out = copy_run(trained, tmp_path)
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 2, "rew')  # a crash mid-write
+    assert run(["--resume", out, "--steps", 2]) == 0
+    assert "a line cut short" in capsys.readouterr().out
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2]
+
+
+def test_writable_folder_says_what_is_wrong(tmp_path, capsys, train_file, model_dirs):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    assert run(["--model", model_dirs["random"], "--eval", train_file, "--out", a_file, "--device", "cpu"]) == 2
+    assert one_line_error(capsys, "is a file, not a folder")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):  # root ignores permissions
+            pytest.skip("this user can write anywhere")
+        assert run(["--model", model_dirs["random"], "--eval", train_file, "--out", locked / "x", "--device", "cpu"]) == 2
+        assert one_line_error(capsys, "cannot write in --out")
+    finally:
+        locked.chmod(0o700)
+
+
+def test_compare_runs_malformed_eval_json(tmp_path, capsys):
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "eval.json").write_text('{"results": {"gsm8k": {"n": 3}}}')
+    assert run(["--compare", tmp_path / "r"]) == 2 and one_line_error(capsys, "not an eval.json written by --eval")
 
 
 # --------------------------------------------------------------------------------------------- evaluation

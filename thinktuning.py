@@ -627,6 +627,7 @@ def machinery_flags(a):
     a("--no-fast", action="store_true", help="on GPU, sample with plain model.generate instead of the compiled sampler")
     a("--no-grad-ckpt", action="store_true", help="turn off gradient checkpointing (on by default on GPU)")
     a("--save-every", type=int, default=20, help="checkpoint every N steps (and always at the end)")
+    a("--ignore-disk", action="store_true", help="start even when the free disk cannot hold one more checkpoint")
     a("--log-samples", type=int, default=4, help="full rollouts per step written to samples.jsonl")
     a("--eval", help="evaluate only: comma-separated gsm8k,math500,aime24,aime25,gpqa or local files")
     a("--eval-limit", type=int, help="first N items of each benchmark")
@@ -640,17 +641,24 @@ def machinery_flags(a):
     a("--eval-every", type=int, default=0, help="during training, evaluate every N steps on --eval-data (0: never)")
     a("--eval-data", default="gsm8k", help="held-out set for --eval-every")
     a("--eval-every-limit", type=int, default=200, help="items of --eval-data used by --eval-every")
-    a("--exercise", metavar="NAME[,NAME]", help="print this file with those functions left to write ('list': the names)")
+    a("--exercise", metavar="NAME[,NAME]", help="print this file with those functions left to write ('list')")
 
 
 class UserError(Exception):
     """Bad input: printed as one line, exit status 2."""
 
 
+def first_line(e):
+    """The first line of an exception's message (its type when the message is empty), for one-line errors."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
 def check_args(args):
     """Catch bad settings before anything is loaded."""
     if args.model is None and args.resume is None and not args.compare and not args.report:
         raise UserError("--model is required (a Hub name or a local folder)")
+    if args.no_teacher and args.teacher:
+        raise UserError("--no-teacher and --teacher contradict each other: drop one")
     if args.group_size < 2:
         raise UserError(f"--group-size {args.group_size}: GRPO needs at least 2 rollouts per question")
     n = args.prompts_per_step * args.group_size
@@ -658,9 +666,15 @@ def check_args(args):
         raise UserError(f"--minibatches {args.minibatches} must divide the {n} rollouts per step "
                         f"(--prompts-per-step x --group-size)")
     for name in ("steps", "prompts_per_step", "max_new_tokens", "teacher_max_new_tokens", "micro_batch",
-                 "eval_samples", "eval_batch_size", "save_every"):
-        if getattr(args, name) < 1:
+                 "eval_samples", "eval_batch_size", "save_every", "eval_limit", "eval_max_new_tokens"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.lr <= 0 or args.weight_decay < 0 or args.grad_clip <= 0:
+        raise UserError("--lr and --grad-clip must be > 0 and --weight-decay >= 0")
+    if args.eval is not None and not [n for n in args.eval.split(",") if n.strip()]:
+        raise UserError(f"--eval {args.eval!r} names no benchmark: use {', '.join(BENCHMARKS)} or local files")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", args.device):
+        raise UserError(f"--device {args.device}: use auto, cpu, cuda or cuda:N")
     if not 0 < args.top_p <= 1 or args.temperature <= 0:
         raise UserError("--temperature must be > 0 and --top-p in (0, 1]")
     if args.eval_samples > 1 and args.eval_temperature <= 0:
@@ -1145,15 +1159,14 @@ def _read_table(spec, split, config=None):
         try:
             return list(datasets.load_dataset(kind, data_files=spec, split="train"))
         except Exception as e:
-            raise UserError(f"{spec}: could not be read as {kind} ({type(e).__name__}: {str(e).splitlines()[0]})")
+            raise UserError(f"{spec}: could not be read as {kind} ({type(e).__name__}: {first_line(e)})")
     if spec.endswith((".jsonl", ".json", ".parquet")) or spec.startswith((".", "/")):
         raise UserError(f"{spec}: no such file")
     try:
         return list(datasets.load_dataset(spec, config, split=split))
     except Exception as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"could not load the Hub dataset {spec!r} ({msg[:200]}); check the name and your network, "
-                        f"or pass a local .jsonl file")
+        raise UserError(f"could not load the Hub dataset {spec!r} ({first_line(e)}); check the name and your "
+                        f"network, or pass a local .jsonl file")
 
 
 def gpqa_item(row):
@@ -1179,7 +1192,16 @@ def to_problems(rows, name):
     if qkey is None or "answer" not in keys:
         raise UserError(f"{name}: rows need 'question' or 'problem' plus 'answer' fields (or GPQA's 'Question', "
                         f"'Correct Answer', 'Incorrect Answer 1-3'); found {sorted(keys)}")
-    return [{"question": r[qkey], "gold": gold_from_answer(r["answer"])} for r in rows]
+    # every row: a question, and a gold answer that can match (GSM8K style: the text after '####')
+    ok = [r for r in rows if str(r.get(qkey) or "").strip() and str(r.get("answer") or "").strip()
+          and (qkey != "question" or "####" in str(r["answer"]))]
+    if not ok:
+        raise UserError(f"{name}: no row has a usable answer ('question' rows need an answer ending in '#### N', "
+                        f"'problem' rows a non-empty 'answer')")
+    if len(ok) < len(rows):
+        print(f"note: {name}: {len(rows) - len(ok)} of {len(rows)} rows skipped (no question, or no usable answer"
+              f"{': GSM8K-style answers end in #### N' if qkey == 'question' else ''})")
+    return [{"question": r[qkey], "gold": gold_from_answer(r["answer"])} for r in ok]
 
 
 def load_problems(spec, split="train"):
@@ -1223,12 +1245,16 @@ def render_chat(tok, messages):
 
 def load_tokenizer(name):
     from transformers import AutoTokenizer
+    if os.path.isdir(name) and os.path.exists(os.path.join(name, "ckpt", "config.json")):
+        raise UserError(f"{name} is a run folder: its model is {os.path.join(name, 'ckpt')} (or use --resume {name})")
     try:
         tok = AutoTokenizer.from_pretrained(name)
     except Exception as e:
-        msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        if os.path.isdir(name):
+            raise UserError(f"could not load a tokenizer from the folder {name} ({first_line(e)}): is it a complete "
+                            f"model folder (config.json, tokenizer files)?")
         raise UserError(f"could not load model {name!r}: not a local model folder and not reachable on the Hub "
-                        f"({msg}); check the name, the path or your network")
+                        f"({first_line(e)}); check the name, the path or your network")
     if tok.eos_token_id is None:
         raise UserError(f"{name}: the tokenizer has no EOS token, so finished responses cannot be recognised")
     if getattr(tok, "chat_template", None) is None:
@@ -1238,7 +1264,13 @@ def load_tokenizer(name):
 
 def load_model(name, args, trainable):
     from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=getattr(torch, args.dtype)).to(args.device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=getattr(torch, args.dtype)).to(args.device)
+    except Exception as e:  # missing or cut-short weights, a config the model class rejects...
+        if isinstance(e, torch.cuda.OutOfMemoryError):
+            raise
+        raise UserError(f"could not load the model weights from {name} ({first_line(e)}); check that the folder "
+                        f"holds the whole model (config.json and *.safetensors), or pass another --model")
     if not trainable:
         return model.eval().requires_grad_(False)
     # No dropout: the update runs in train mode (for gradient checkpointing), and the ratio p / p_old must be
@@ -1524,16 +1556,20 @@ def start_run(args):
     eval_items = load_benchmark(args.eval_data, args.eval_every_limit) if args.eval_every else None
     ckpt, resuming = os.path.join(args.out, "ckpt"), args.resume is not None
     check_out_folder(args, ckpt, resuming)
+    if resuming and (args.kl_beta > 0 or not args.no_teacher) and not looks_loadable(args.teacher or args.model):
+        raise UserError(f"the initial model {args.teacher or args.model} (teacher or KL reference) is not there "
+                        f"any more: pass its new place with --model (or --teacher)")
     tok = load_tokenizer(ckpt if resuming else args.model)
     teacher_tok = None if args.no_teacher else load_tokenizer(args.teacher) if args.teacher else tok
     problems, skipped, prompt_width = tokenize_prompts(problems, tok, args)
     # CPU first: RNG states must be CPU tensors; the optimizer moves its state to the parameters' device
-    saved = (torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False, map_location="cpu")
-             if resuming else None)
+    saved = load_trainer_state(ckpt) if resuming else None
     first_step = saved["step"] + 1 if saved else 1
     if first_step > args.steps:
         print(f"{args.out} already holds {first_step - 1} steps; ask for more with --steps")
         return None
+    if saved:
+        print(f"resuming {args.out} from step {first_step} (checkpoint of step {saved['step']})")
     torch.manual_seed(args.seed)
     student = load_model(ckpt if resuming else args.model, args, trainable=True).eval()
     # the teacher: by default a frozen copy of the initial student (read from --model, also when resuming),
@@ -1558,20 +1594,57 @@ def start_run(args):
         restore(run, saved)
     with open(os.path.join(args.out, "args.json"), "w") as f:
         json.dump(vars(args), f, indent=1)
+    with open(os.path.join(args.out, "args_history.jsonl"), "a") as f:  # every start of this run, resumes too
+        f.write(json.dumps({"first_step": first_step, "argv": sys.argv[1:], **vars(args)}) + "\n")
     print_plan(run, len(problems), skipped, prompt_width)
     return run
 
 
 def check_out_folder(args, ckpt, resuming):
-    """Training never overwrites a run: a folder that holds one asks for --resume or another folder."""
-    os.makedirs(args.out, exist_ok=True)
+    """Training never overwrites a run: a folder that holds one asks for --resume or another folder. A save
+    killed between its two renames left the previous checkpoint in ckpt.old: it is put back. Logs of a run that
+    stopped before its first checkpoint are set aside (*.aborted), and the run starts again."""
+    writable_folder(args.out)
+    if not os.path.exists(ckpt) and os.path.exists(os.path.join(args.out, "ckpt.old", "trainer_state.pt")):
+        os.rename(os.path.join(args.out, "ckpt.old"), ckpt)
+        print(f"note: {args.out}: a save was interrupted; the previous checkpoint (ckpt.old) is back in place")
     if resuming and not os.path.exists(os.path.join(ckpt, "trainer_state.pt")):
-        raise UserError(f"--resume {args.resume}: no checkpoint at {ckpt}")
+        raise UserError(f"--resume {args.resume}: no checkpoint at {ckpt} (start it again without --resume)")
     if not resuming and os.path.exists(ckpt):
         raise UserError(f"{args.out} already holds a training run: continue it with --resume {args.out}, "
                         f"or choose another --out")
-    if not resuming and os.path.exists(os.path.join(args.out, "metrics.jsonl")):
-        raise UserError(f"{args.out} holds metrics of a run that saved no checkpoint: choose another --out")
+    for name in ("metrics.jsonl", "samples.jsonl") if not resuming else ():
+        path = os.path.join(args.out, name)
+        if os.path.exists(path):
+            os.replace(path, path + ".aborted")
+            print(f"note: {path}: logs of a run that saved no checkpoint, kept as {name}.aborted")
+
+
+def writable_folder(out):
+    """Make `out` (a folder) or say in one line why it cannot be written, before any model is loaded."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--out {out} is a file, not a folder: choose another --out")
+    try:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, ".write_test"), "w"):
+            pass
+        os.remove(os.path.join(out, ".write_test"))
+    except OSError as e:
+        raise UserError(f"cannot write in --out {out} ({first_line(e)}): choose another --out")
+
+
+def looks_loadable(name):
+    """Whether `name` can still be a model: an existing folder, or (not a path) a Hub name."""
+    path_like = name.startswith((".", "/", "~")) or name.count("/") > 1
+    return os.path.isdir(name) or not path_like
+
+
+def load_trainer_state(ckpt):
+    try:  # CPU first: RNG states must be CPU tensors; the optimizer moves its state to the parameters' device
+        return torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False, map_location="cpu")
+    except Exception as e:
+        raise UserError(f"{ckpt}/trainer_state.pt cannot be read ({first_line(e)}): the checkpoint is damaged; "
+                        f"start a new run from {ckpt} with --model {ckpt} --out ANOTHER")
 
 
 def tokenize_prompts(problems, tok, args):
@@ -1638,8 +1711,9 @@ def print_plan(run, n_problems, skipped, prompt_width):
     free = shutil.disk_usage(args.out).free
     print(f"checkpoints: about {trained / 1e9:.1f} GB each (model, AdamW state{masters}; a save writes the new "
           f"one before deleting the old), {free / 1e9:.0f} GB free in {args.out}")
-    if free < trained:
-        print(f"note: not enough free disk for a checkpoint in {args.out}: free some space or choose another --out")
+    if free < trained and not args.ignore_disk:
+        raise UserError(f"{free / 1e9:.1f} GB free in {args.out}, a checkpoint needs {trained / 1e9:.1f} GB: free some "
+                        f"space, choose another --out, or start anyway with --ignore-disk")
     if args.device.startswith("cuda"):
         total = torch.cuda.get_device_properties(torch.device(args.device)).total_memory
         if peak > 0.95 * total:
@@ -1749,9 +1823,15 @@ def save_checkpoint(out, model, tok, state):
     """Write OUT/ckpt via a temporary folder and a rename: an interrupted save never destroys the last one."""
     final, tmp, old = (os.path.join(out, name) for name in ("ckpt", "ckpt.tmp", "ckpt.old"))
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    torch.save(state, os.path.join(tmp, "trainer_state.pt"))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        torch.save(state, os.path.join(tmp, "trainer_state.pt"))
+    except OSError as e:  # a full disk, say: the last checkpoint stays, and the folder can be resumed from it
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = "the previous checkpoint is intact" if os.path.exists(final) else "no checkpoint was written yet"
+        raise UserError(f"could not save a checkpoint in {out} ({first_line(e)}); {kept}: free some space and "
+                        f"continue with --resume {out}")
     if os.path.exists(final):
         shutil.rmtree(old, ignore_errors=True)
         os.rename(final, old)
@@ -1764,8 +1844,11 @@ def truncate_logs(out, step):
     for name in ("metrics.jsonl", "samples.jsonl"):
         path = os.path.join(out, name)
         if os.path.exists(path):
-            lines = [line for line in open(path) if line.strip() and json.loads(line)["step"] <= step]
-            open(path, "w").writelines(lines)
+            rows = read_jsonl(path)
+            if sum(1 for line in open(path) if line.strip()) > len(rows):
+                print(f"note: {path}: a line cut short (a crash mid-write) is dropped")
+            with open(path, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows if r.get("step", 0) <= step)
 
 
 def resume_args(parser, argv):
@@ -1777,6 +1860,9 @@ def resume_args(parser, argv):
     given = {a.dest for a in parser._actions for tok in argv if tok.split("=")[0] in a.option_strings}
     saved = json.load(open(path))
     merged = {**saved, **{k: v for k, v in vars(args).items() if k in given}}
+    if "out" in given and os.path.normpath(args.out) != os.path.normpath(args.resume):
+        raise UserError(f"--resume {args.resume} continues in that folder; --out {args.out} cannot move it "
+                        f"(copy the folder, then --resume the copy)")
     merged["out"], merged["resume"] = args.resume, args.resume
     return argparse.Namespace(**{**vars(args), **merged})
 
@@ -1800,8 +1886,8 @@ def load_benchmark(name, limit=None):
         items = to_problems(_read_table(*BENCHMARKS[name]), name) if name in BENCHMARKS else load_problems(name)
     except UserError:
         if name == "gpqa":
-            raise UserError("GPQA-Diamond is gated on the Hub: accept its terms on the page of Idavidrein/gpqa "
-                            "and run `hf auth login` (or pass a local file in its place)")
+            raise UserError("could not load GPQA-Diamond from the Hub: it is gated (accept its terms on the page of "
+                            "Idavidrein/gpqa and run `hf auth login`) and needs the network; or pass a local file")
         raise
     return items[:limit] if limit else items
 
@@ -1850,15 +1936,30 @@ def eval_table(results):
     return "\n".join(lines)
 
 
+def eval_label(name, taken):
+    """A benchmark's row label: its name; a local file's base name, or the benchmark it is named after
+    (gsm8k_test.jsonl -> gsm8k, so that it lines up with the paper's rows); the path if the label is taken."""
+    if name in BENCHMARKS:
+        return name
+    base = os.path.splitext(os.path.basename(name))[0]
+    label = next((b for b in BENCHMARKS if base.lower().startswith(b)), base)
+    return name if label in taken else label
+
+
 def run_eval(args):
-    names = [n.strip() for n in args.eval.split(",") if n.strip()]
-    sets = {(n if n in BENCHMARKS else os.path.splitext(os.path.basename(n))[0]): load_benchmark(n, args.eval_limit)
-            for n in names}  # every set is checked before the model is loaded
+    """--eval: every benchmark is checked, then the model loaded (a run folder given by --resume: its checkpoint)."""
+    if args.resume:  # evaluating a run folder means evaluating what it trained
+        args.model = os.path.join(args.resume, "ckpt")
+        if not os.path.exists(os.path.join(args.model, "config.json")):
+            raise UserError(f"--resume {args.resume} --eval: no checkpoint at {args.model} to evaluate")
+    sets = {}
+    for n in [n.strip() for n in args.eval.split(",") if n.strip()]:
+        sets[eval_label(n, sets)] = load_benchmark(n, args.eval_limit)
+    writable_folder(args.out)
     tok = load_tokenizer(args.model)
     model = load_model(args.model, args, trainable=False)
     how = Sampling(stop_ids(tok, model), pad_token_id(tok), args.eval_max_new_tokens or args.max_new_tokens,
                    args.eval_temperature, 1.0, args.fast, batch=args.eval_batch_size * args.eval_samples)
-    os.makedirs(args.out, exist_ok=True)
     results, all_preds = {}, []
     for name, items in sets.items():
         results[name], preds = evaluate(model, tok, items, how, args.eval_samples, desc=name)
@@ -1869,8 +1970,10 @@ def run_eval(args):
     kept_preds = ([line for line in open(samples_path) if json.loads(line)["benchmark"] not in results]
                   if os.path.exists(samples_path) else [])
     with open(json_path, "w") as f:
-        json.dump({"model": args.model, "samples": args.eval_samples, "temperature": args.eval_temperature,
-                   "results": {**kept, **results}}, f, indent=1)
+        json.dump({"model": os.path.abspath(args.model) if os.path.exists(args.model) else args.model,
+                   "samples": args.eval_samples, "temperature": args.eval_temperature if args.eval_samples > 1 else 0.0,
+                   "max_new_tokens": how.max_new, "limit": args.eval_limit, "results": {**kept, **results}},
+                  f, indent=1)
     with open(samples_path, "w") as f:
         f.writelines(kept_preds + [json.dumps(p) + "\n" for p in all_preds])
     print(eval_table(results))
@@ -1881,14 +1984,19 @@ def run_eval(args):
 def compare_runs(folders):
     """One markdown table of accuracy (%) with its 95% Wilson interval per benchmark and run (their
     OUT/eval.json), the paper's beside; then McNemar's exact test of each run against the first."""
-    runs = {}
+    runs, made = {}, []
     for folder in folders:
         path = os.path.join(folder, "eval.json")
         if not os.path.exists(path):
             raise UserError(f"{folder}: no eval.json (run --eval with --out {folder} first)")
-        name = os.path.basename(os.path.normpath(folder))
-        runs[folder if name in runs else name] = (read_json(path).get("results") or {},
-                                                  read_jsonl(os.path.join(folder, "eval_samples.jsonl")))
+        name, ev = os.path.basename(os.path.normpath(folder)), read_json(path)
+        results = ev.get("results")
+        if not isinstance(results, dict) or not all(isinstance(r, dict) and "accuracy" in r for r in results.values()):
+            raise UserError(f"{path} is not an eval.json written by --eval (no results with an accuracy)")
+        name = folder if name in runs else name
+        runs[name] = (results, read_jsonl(os.path.join(folder, "eval_samples.jsonl")))
+        made.append(f"{name}: {ev.get('model', '?')}, " + (f"first {ev['limit']} items" if ev.get("limit")
+                                                           else "whole benchmarks"))
     names = list(dict.fromkeys(b for res, _ in runs.values() for b in res))
     lines = ["| benchmark | " + " | ".join(runs) + " | paper GRPO | paper ThinkTuning |",
              "|---|" + "---|" * (len(runs) + 2)]
@@ -1903,8 +2011,8 @@ def compare_runs(folders):
             if n:
                 lines.append(f"{b}, {name} against {first}: {n} questions paired, {x} right only in {first}, "
                              f"{y} only in {name}, McNemar exact p = {p:.3g}")
-    lines.append("Accuracy [95% Wilson interval]. The paper's numbers are Llama-3.2-3B-Instruct, full benchmarks, "
-                 "greedy pass@1.")
+    lines.append("Accuracy [95% Wilson interval]. Runs: " + "; ".join(made) + ". The paper's numbers are "
+                 "Llama-3.2-3B-Instruct on whole benchmarks, greedy pass@1: not comparable to another model or limit.")
     print("\n".join(lines))
     return "\n".join(lines)
 
