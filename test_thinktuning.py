@@ -28,7 +28,9 @@ from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerF
 
 import thinktuning as tt  # noqa: E402
 
-torch.set_num_threads(2)
+# One thread: tiny models gain nothing from a second one, and on a busy 2-core machine two threads wait on
+# each other (measured: the learning tests took 75 s with two threads, 10 s with one).
+torch.set_num_threads(1)
 
 # --------------------------------------------------------------------------------------------- exercises
 # In a handout (python thinktuning.py --exercise NAME > handout/thinktuning.py) some functions are stubs. A unit
@@ -892,6 +894,15 @@ def one_token(logp, old_logp, adv, guided):
                                  torch.tensor([[guided]]))
     loss.backward()
     return loss.item(), lp.grad.item(), stats
+
+
+@pytest.mark.parametrize("adv,ratio,active", [(1.0, 0.5, False), (1.0, 1.5, True), (-1.0, 0.5, True),
+                                               (-1.0, 1.5, False), (1.0, 1.1, False)])
+def test_policy_loss_clip_frac_counts_only_active_clips(adv, ratio, active):
+    # a ratio outside [0.8, 1.2] is clipped only where the clipped term is the larger loss: A > 0 above 1.2,
+    # A < 0 below 0.8 (then the gradient is 0); elsewhere the full gradient flows and nothing counts as clipped
+    _, grad, stats = one_token(math.log(ratio), 0.0, adv, False)
+    assert stats["clip_frac"] == float(active) and (grad == 0) == active
 
 
 @pytest.mark.parametrize("adv,ratio,expected", [
@@ -1860,6 +1871,213 @@ def test_compare_runs_malformed_eval_json(tmp_path, capsys):
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "eval.json").write_text('{"results": {"gsm8k": {"n": 3}}}')
     assert run(["--compare", tmp_path / "r"]) == 2 and one_line_error(capsys, "not an eval.json written by --eval")
+
+
+# --------------------------------------------------------------------------------------------- it learns
+# --------------------------------------------------------------------------------------------- evidence that it learns
+def learn_args(minibatches, micro_batch):
+    return type("A", (), {"minibatches": minibatches, "temperature": 1.0, "clip_eps": 0.2, "dual_clip": 3.0,
+                          "kl_beta": 0.0, "grad_clip": 1.0, "micro_batch": micro_batch,
+                          "guide_teacher_tokens_only": False})()
+
+
+def test_learns_plain_grpo_on_a_toy_task(tok):
+    # The toy task: reward 1 when the 3 sampled tokens (T = 1) hold a digit. The random tiny model gives each of
+    # the ~100 tokens about the same probability, so a digit comes first 1 time in 10 and a response earns a
+    # reward about 1 time in 4: most groups of G = 8 have spread. What the test reads is exact and noise-free: the
+    # probability that the first response token is a digit, averaged over prompts never trained on.
+    digits = tok.convert_tokens_to_ids([str(d) for d in range(10)])
+    chat = lambda q: tt.render_chat(tok, [{"role": "user", "content": q}])  # noqa: E731
+    prompts = [chat(q) for q in ("w1 is 2 + 3", "w2 is 4", "w3 x w4", "so the answer")]
+    held_out = [chat(q) for q in ("w5 is w6", "the answer is", "w7 + w8 =")]
+    G, steps = 8, 8
+    # the static-cache sampler: the same draws as generate_plain (tested above), several times cheaper on a CPU
+    how = tt.Sampling([tok.eos_token_id], tok.pad_token_id, 3, 1.0, fast=True, batch=32, prompt_len=16)
+    args = learn_args(minibatches=1, micro_batch=32)
+
+    @torch.no_grad()
+    def p_digit(model):
+        return sum(model(input_ids=torch.tensor([p])).logits[0, -1].softmax(-1)[digits].sum().item()
+                   for p in held_out) / len(held_out)
+
+    def train(sign):
+        model = make_model(tok, seed=1)
+        optim, rng, rewards = tt.MasterAdamW(model, 2e-2, 0.01), random.Random(0), []
+        torch.manual_seed(0)
+        for _ in range(steps):
+            items = [tt.Rollout("q", "", p) for p in prompts for _ in range(G)]
+            responses, finished = tt.generate(model, [r.prompt for r in items], how)
+            for r, ids, done in zip(items, responses, finished):
+                r.response, r.finished, r.n_student = ids, done, len(ids)
+                r.reward = float(any(t in digits for t in ids))
+            for r, a in zip(items, tt.group_advantages(torch.tensor([r.reward for r in items]), G).tolist()):
+                r.adv = sign * a  # sign -1: a test-only mutation, the advantage turned against the reward
+            tt.score_old(model, None, items, args)
+            tt.update(model, items, optim, args, rng)
+            rewards.append(sum(r.reward for r in items) / len(items))
+        tt._forget_decoders(model)
+        return p_digit(model), sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
+
+    start = p_digit(make_model(tok, seed=1))
+    end, first_reward, last_reward = train(+1)
+    flipped, first_flipped, last_flipped = train(-1)
+    assert 0.05 < start < 0.15  # about 10 digits out of ~100 tokens (seen: 0.097)
+    assert end > start + 0.2 and end > 2.5 * start  # seen: 0.097 -> 0.65
+    assert last_reward > first_reward + 0.2  # the sampled reward, first 3 steps -> last 3 (seen: 0.35 -> 0.69)
+    assert flipped < start  # the flipped sign unlearns the digits (seen: 0.097 -> 0.003)
+    assert last_flipped < first_flipped  # (seen: 0.29 -> 0.05)
+
+
+def test_learns_from_the_teacher_with_aas(tok):
+    # ThinkTuning's mechanism with a stand-in teacher that always writes the right continuation. In each of 8
+    # groups of G = 4 finished student answers, the first is spliced with the teacher's reflection (reward 1, as a
+    # correct teacher answer grades) and the other three are the student's own wrong ones (reward 0), so
+    # A = [1.5, -0.5, -0.5, -0.5]. Read: the mean log-probability of the teacher-written tokens (and EOS) given
+    # prompt + student prefix. The teacher text is the same in every group, so what one mini-batch learns raises
+    # the ratio of the teacher tokens in the next ones.
+    eos, G = tok.eos_token_id, 4
+    words = lambda s: tok.convert_tokens_to_ids(s.split())  # noqa: E731
+    prompts = [tt.render_chat(tok, [{"role": "user", "content": f"w{k} is {k} + 3"}]) for k in range(8)]
+
+    def rollouts(variant, first_rewards=(1.0,) * 8):  # the reward of each group's first rollout
+        out = []
+        for k, prompt in enumerate(prompts[:len(first_rewards)]):
+            own = [words(f"w{20 + 4 * k + j} w{59 - k}") + [eos] for j in range(G)]  # the student's G answers
+            spliced, n_student = tt.splice(own[0], "wait , checked the answer", "so \\boxed{5}", tok, eos)
+            response, is_guided, n = {"aas": (spliced, True, n_student),  # ThinkTuning: guided, AAS
+                                      "ppo": (spliced, False, len(spliced)),  # same tokens as the student's own
+                                      "dropped": (own[0], False, len(own[0]))}[variant]  # teacher's part left out
+            out.append(tt.Rollout("q", "5", prompt, response, True, is_guided, n, reward=first_rewards[k]))
+            out += [tt.Rollout("q", "5", prompt, own[j], True, False, len(own[j]), reward=1.0 - first_rewards[k])
+                    for j in range(1, G)]
+        for r, a in zip(out, tt.group_advantages(torch.tensor([r.reward for r in out]), G).tolist()):
+            r.adv = a
+        return out
+
+    guided = [r for r in rollouts("aas") if r.guided]
+    n_student = guided[0].n_student  # 2 student tokens, then 11 teacher tokens and EOS, in every group
+
+    @torch.no_grad()
+    def teacher_logp(model):
+        lp = tt.response_logprobs(model, [r.prompt for r in guided], [r.response for r in guided], 1.0)
+        return lp[:, n_student:].sum(1).mean().item()
+
+    def train(variant, steps=3):
+        model, args = make_model(tok, seed=2), learn_args(minibatches=4, micro_batch=8)  # the paper's 4
+        optim, rng = tt.MasterAdamW(model, 1e-2, 0.01), random.Random(0)
+        for _ in range(steps):
+            items = rollouts(variant)
+            tt.score_old(model, None, items, args)
+            stats = tt.update(model, items, optim, args, rng)
+            assert stats["aas_tokens"] == (8 * len(guided[0].response) if variant == "aas" else 0)
+        return teacher_logp(model) - start
+
+    start = teacher_logp(make_model(tok, seed=2))
+    aas, ppo, dropped = train("aas"), train("ppo"), train("dropped")
+    # Fair comparisons: the same groups, rewards and advantages throughout. "dropped" has the guided rollout
+    # without the teacher's part: the rise then owes nothing to training on the teacher's tokens (seen: -1.0).
+    # "ppo" trains the very same tokens as the student's own. At ratio 1 its gradient equals AAS's up to the weight
+    # p / (p + gamma) <= 1, so the only thing that can put AAS ahead is the clip: PPO stops pushing a teacher token
+    # once a mini-batch sees its ratio above 1 + eps, while AAS never clips it (README: "a policy-gradient loss
+    # that does not clip the teacher's unlikely tokens away").
+    assert start < -40  # 12 tokens at about 1/100 each (seen: -55.7)
+    assert aas > 20  # seen: +33.6 nats after 3 steps
+    assert aas > ppo + 5 and aas > 1.25 * ppo  # seen: +33.6 against +20.0 (model seeds 0-7: 30-35 against 17-23)
+    assert abs(dropped) < 5 and ppo > 10  # seen: -1.0, +20.0
+
+    # The AAS weight on the first update (one mini-batch, one micro-batch: ratio 1, the stats one mean over the
+    # step's tokens), computed here from the old log-probs: p = exp(old_logp), gamma = clip(A / 4000, +-0.001),
+    # weight p / (p + gamma) on guided tokens, except those with A < 0 and p < 0.01 (routed to PPO). Two groups
+    # where the teacher's answer won (A = 1.5) and one where it lost (A = -0.5, another answer got the reward).
+    for teacher_only in (False, True):
+        items = rollouts("aas", first_rewards=(1.0, 1.0, 0.0))
+        model, args = make_model(tok, seed=2), learn_args(minibatches=1, micro_batch=len(items))
+        args.guide_teacher_tokens_only = teacher_only
+        tt.score_old(model, None, items, args)
+        weights_, routed, negative = [], 0, 0
+        for r in (r for r in items if r.guided):
+            gamma = min(max(r.adv / 4000, -1e-3), 1e-3)
+            for t, p in enumerate(r.old_logp.exp().tolist()):
+                if t < (r.n_student if teacher_only else 0):
+                    continue  # a student token, outside AAS with --guide-teacher-tokens-only
+                if r.adv < 0 and p < 0.01:
+                    routed += 1
+                    continue
+                assert 0 < p + gamma <= 1
+                weights_.append(p / (p + gamma))
+                negative += r.adv < 0
+        assert routed > 0 and negative > 0  # both branches of the routing are exercised (seen: 10 and 4)
+        stats = tt.update(model, items, tt.MasterAdamW(model, 1e-2, 0.01), args, random.Random(0))
+        assert stats["aas_tokens"] == len(weights_)
+        assert stats["aas_weight"] == pytest.approx(sum(weights_) / len(weights_), rel=1e-5)
+        assert 0.9 < stats["aas_weight"] < 1  # damped below 1: p is about 0.01, gamma 0.000375 (seen: 0.972)
+
+
+# ------------------------------------------------------------------------------------- stronger versions of weak tests
+@pytest.mark.parametrize("extra", [(), ("--no-teacher",)])
+def test_end_to_end_kl_reference_is_the_initial_model(model_dirs, train_file, tmp_path, monkeypatch, extra):
+    # A KL penalty toward the student itself would still log kl > 0 by step 2 (the student moves between its
+    # mini-batches), so read the reference itself: after training it must still hold the initial weights, while
+    # the student has moved. With the teacher, the reference is the frozen teacher; with --no-teacher, its own copy.
+    runs, start_run = [], tt.start_run
+
+    def capture(args):  # the Run that main trains, kept for inspection
+        runs.append(start_run(args))
+        return runs[-1]
+
+    monkeypatch.setattr(tt, "start_run", capture)
+    out = tmp_path / "kl"
+    assert run(base_args(model_dirs["bigram"], train_file, out, "--kl-beta", 0.1, "--lr", 1e-3, *extra)) == 0
+    (r,) = runs
+    initial = weights(model_dirs["bigram"])
+    flat = lambda m: torch.cat([p.detach().flatten() for p in m.parameters()])  # noqa: E731
+    assert r.ref is not None and r.ref is not r.student
+    assert torch.equal(flat(r.ref), initial)
+    # trained: 2 x 2 AdamW steps at lr 1e-3 move it by 2e-3 (weight decay alone would move it by 4e-5)
+    assert (flat(r.student) - initial).abs().max() > 1e-4
+    assert torch.equal(flat(r.student), weights(out / "ckpt"))
+    assert all(row["kl"] > 0 for row in read_jsonl(out / "metrics.jsonl")[1:])
+
+
+def test_parse_teacher_rejects_reason_and_phrase_swapped():
+    assert tt.parse_teacher("<opinion>correct</opinion><phrase>b</phrase><reason>a</reason>") is None
+    assert tt.parse_teacher("<opinion>correct</opinion><reason>a</reason><phrase>b</phrase>") == ("correct", "a", "b")
+
+
+def test_splice_separators_reach_the_tokenizer(tok):
+    # the word-level tokenizer drops whitespace, so the ids alone cannot show the "\n\n" separators: record the
+    # text the tokenizer is handed
+    class Recording:
+        def __init__(self):
+            self.texts = []
+
+        def __call__(self, text, **kwargs):
+            self.texts.append(text)
+            return tok(text, **kwargs)
+
+    eos, rec = tok.eos_token_id, Recording()
+    ids, n_student = tt.splice([5, 6, 7, eos], "wait , checked", "so 5", rec, eos)
+    assert rec.texts == ["\n\n" + "wait , checked" + "\n\n" + "so 5"]
+    assert ids == [5, 6, 7] + tok.convert_tokens_to_ids(["wait", ",", "checked", "so", "5"]) + [eos]
+    assert n_student == 3
+
+
+def test_generate_static_writes_pad_after_a_rows_stop_token(tok):
+    # the bigram model writes CHAIN greedily: from "so" it reaches EOS after 7 tokens, from "assistant" after 15.
+    # With max_new = 12 the first row stops at step 7 while the second never does, so the loop runs all 12
+    # steps and the first row's last 5 slots must hold the pad id, not what the model would write after EOS.
+    model = make_bigram_model(tok)
+    eos = tok.eos_token_id
+    long_ = tt.render_chat(tok, [{"role": "user", "content": "w1 is 2 + 3"}])  # ends with "assistant"
+    short = long_[:-1] + tok.convert_tokens_to_ids(["so"])
+    tail = tok.convert_tokens_to_ids(CHAIN[CHAIN.index("so") + 1:])  # \ boxed { 5 } </phrase> EOS
+    for pad in (tok.unk_token_id, tok.pad_token_id):  # a pad id of its own, and the tokenizer's (== EOS)
+        how = tt.Sampling([eos], pad, 12, 0.0, batch=3, prompt_len=16)
+        rows = tt.generate_static(model, [short, long_], how)
+        assert rows[0] == tail + [pad] * 5
+        assert rows[1] == tok.convert_tokens_to_ids(CHAIN[1:13])  # no stop token within 12
+        assert rows == tt.generate_plain(model, [short, long_], how)  # transformers pads finished rows the same way
+    tt._forget_decoders(model)
 
 
 # --------------------------------------------------------------------------------------------- evaluation

@@ -24,9 +24,11 @@ Where this file departs from the paper or the authors' code (README, "Departures
 - rows whose advantage is 0 are neither scored nor back-propagated when --kl-beta is 0 (their loss and
   gradient are exactly 0); their tokens still count in the token mean.
 - no dropout while training; the checkpoint's own sampling defaults (top_k, min_p...) are ignored.
+- the AAS denominator d is floored at 1e-30, so a token whose p underflows to 0 gives no NaN.
 - 32 prompts per step by default, not 128: one GPU.
-Left out on purpose (README, "Left out"): several GPUs, vLLM, LoRA, learning-rate schedules and warm-up,
-an entropy bonus, a computer algebra system in the grader, sharing the teacher's few-shot prefix cache.
+Left out on purpose (README, "Left out on purpose"): several GPUs and vLLM (README, "Beyond one GPU"), LoRA,
+learning-rate schedules and warm-up, an entropy bonus, a computer algebra system in the grader (it compares
+expressions by evaluating them at random points instead), sharing the teacher's few-shot prefix cache.
 """
 import argparse
 import cmath
@@ -56,7 +58,7 @@ from tqdm import tqdm
 # ################################################################################################################
 
 # ------------------------------------------------------------------------------------------------ settings
-# The method's hyperparameters, with the paper's value where ours differs. Machinery flags: Part II.
+# The method's hyperparameters; each help says the paper's value. Machinery flags: Part II.
 
 
 def build_parser():
@@ -318,10 +320,10 @@ def guide(rollouts, chosen, run):
     replies, finished = generate(run.teacher, [q for _, q in queries], run.teacher_how, desc="teacher")
     records = []
     for (i, _), reply, done in zip(queries, replies, finished):
-        r, text = rollouts[i], teacher_tok.decode(reply, skip_special_tokens=True)
-        parsed, why = (parse_teacher(text) if done else None), ""
+        r, reply_text = rollouts[i], teacher_tok.decode(reply, skip_special_tokens=True)
+        parsed, why = (parse_teacher(reply_text) if done else None), ""
         if parsed:
-            ids, n_student = splice(r.response, parsed[1], parsed[2], tok, tok.eos_token_id)
+            ids, n_student = splice(r.response, parsed[1], parsed[2], tok, r.response[-1])  # its own stop token
         if not done:
             why = "no EOS within --teacher-max-new-tokens"
         elif parsed is None:
@@ -331,7 +333,7 @@ def guide(rollouts, chosen, run):
         else:
             r.response, r.guided, r.n_student = ids, True, n_student
             r.teacher_text = tok.decode(ids[n_student:], skip_special_tokens=True)
-        records.append({"kind": "teacher_reply", "rollout": i, "text": text, "passed": not why, "why": why})
+        records.append({"kind": "teacher_reply", "rollout": i, "text": reply_text, "passed": not why, "why": why})
     return records
 
 
@@ -353,7 +355,7 @@ def group_advantages(rewards, group_size):
     """Step 7: A_i = (r_i - mean_j r_j) / (std_j r_j + 1e-6) within each group of G contiguous rollouts, std with
     Bessel's correction. rewards: [N] -> [N]. Example, G = 4: [1, 0, 0, 0] -> [1.5, -0.5, -0.5, -0.5] (std 0.5);
     a group whose rewards are all equal gets A = 0 everywhere and teaches nothing."""
-    r = rewards.view(-1, group_size)  # [N/G, G]
+    r = rewards.view(-1, group_size)  # [B, G]
     return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-6)).flatten()  # [N]
 
 
@@ -375,9 +377,9 @@ def response_logprobs(model, prompts, responses, temperature, chunk=1024):
     h, target = hidden[rows, src][mask], ids[rows, src + 1][mask]  # [m, H], [m]
     parts = []
     for i in range(0, len(target), chunk):
-        args = (model, h[i:i + chunk], target[i:i + chunk], temperature)
-        parts.append(torch.utils.checkpoint.checkpoint(token_logp, *args, use_reentrant=False)
-                     if torch.is_grad_enabled() else token_logp(*args))
+        inputs = (model, h[i:i + chunk], target[i:i + chunk], temperature)
+        parts.append(torch.utils.checkpoint.checkpoint(token_logp, *inputs, use_reentrant=False)
+                     if torch.is_grad_enabled() else token_logp(*inputs))
     out = torch.zeros(mask.shape, device=model.device)  # [n, T]
     out[mask] = torch.cat(parts)
     return out
@@ -402,37 +404,40 @@ def aas_gamma(adv):
 
 
 def aas_d(p_sg, A):
-    """d = sg(p) + gamma(A), kept inside (0, 1]: d < 0 -> sg(p) / 1.0001, d > 1 -> sg(p) / 0.9999. [N, T] -> [N, T]"""
+    """d = sg(p) + gamma(A), kept positive and near (0, 1]: d < 0 -> sg(p) / 1.0001, d > 1 -> sg(p) / 0.9999.
+    [n, T] -> [n, T]. (d < 0 needs A < 0 and p < 0.001: routing sends such tokens to PPO, so that branch is only
+    ever computed, never used.)"""
     d = p_sg + aas_gamma(A)
     d = torch.where(d < 0, p_sg / 1.0001, torch.where(d > 1, p_sg / 0.9999, d))
     # A teacher-written token can have p below float32's range (log p < -103): then p = 0 and d = 0. The floor
-    # changes no value that is used (wherever AAS applies, d >= 0.009 or A = 0) and keeps 0/0 out of the gradient.
+    # changes no value that is used (where AAS applies, d >= 0.009 if A < 0, d >= gamma(A) > 1e-30 if A > 0, and
+    # the loss is 0 if A = 0) and keeps 0/0 out of the gradient.
     return d.clamp(min=1e-30)
 
 
 def policy_loss(logp, old_logp, adv, mask, guided, clip_eps=0.2, dual_clip=3.0):
     """Token-mean ThinkTuning loss and its statistics.
-    logp, old_logp: [N, T] log-probs of the response tokens (logp with gradient); adv: [N];
-    mask: [N, T] 1 on response tokens (EOS included); guided: [N, T] g, 1 on tokens trained with AAS."""
+    logp, old_logp: [n, T] log-probs of the response tokens (logp with gradient); adv: [n];
+    mask: [n, T] 1 on response tokens (EOS included); guided: [n, T] g, 1 on tokens trained with AAS."""
     mask, guided = mask.bool(), guided.bool()
-    A = adv[:, None].expand_as(logp)  # [N, T] advantage broadcast to every token
-    ratio = torch.exp(logp - old_logp)  # [N, T] rho
+    A = adv[:, None].expand_as(logp)  # [n, T] advantage broadcast to every token
+    ratio = torch.exp(logp - old_logp)  # [n, T] rho
     # unguided tokens: PPO with dual clip
-    l_clip = torch.maximum(-A * ratio, -A * ratio.clamp(1 - clip_eps, 1 + clip_eps))  # [N, T]
-    l_ppo = torch.where(A < 0, torch.minimum(l_clip, -A * dual_clip), l_clip)  # [N, T]
-    # guided tokens: Advantage-Aware Shaping, l = -A p / d with d = sg(p) + gamma(A), kept inside (0, 1]
-    p = logp.exp()  # [N, T] with gradient
-    p_sg = p.detach()  # [N, T]
-    d = aas_d(p_sg, A)  # [N, T]
-    l_aas = -A * p / d  # [N, T]; gradient -A * p/d * grad log p, unclipped
+    l_clip = torch.maximum(-A * ratio, -A * ratio.clamp(1 - clip_eps, 1 + clip_eps))  # [n, T]
+    l_ppo = torch.where(A < 0, torch.minimum(l_clip, -A * dual_clip), l_clip)  # [n, T]
+    # guided tokens: Advantage-Aware Shaping, l = -A p / d with d = sg(p) + gamma(A) (no ratio, no clip)
+    p = logp.exp()  # [n, T] with gradient
+    p_sg = p.detach()  # [n, T]
+    d = aas_d(p_sg, A)  # [n, T]
+    l_aas = -A * p / d  # [n, T]; gradient -A * p/d * grad log p, unclipped
     # routing: a guided token with A < 0 and sg(p) < 0.01 falls back to PPO
-    use_aas = guided & ~((A < 0) & (p_sg < 0.01))  # [N, T] M
-    l = torch.where(use_aas, l_aas, l_ppo)  # [N, T]
+    use_aas = guided & ~((A < 0) & (p_sg < 0.01))  # [n, T] M
+    l = torch.where(use_aas, l_aas, l_ppo)  # [n, T]
     loss = torch.where(mask, l, 0.0).sum() / mask.sum().clamp(min=1)  # scalar: token mean, no KL, no entropy
     with torch.no_grad():
-        ppo_tok, aas_tok = mask & ~use_aas, mask & use_aas  # [N, T]
+        ppo_tok, aas_tok = mask & ~use_aas, mask & use_aas  # [n, T]
         n_ppo = max(1, ppo_tok.sum().item())
-        clipped = (ratio - ratio.clamp(1 - clip_eps, 1 + clip_eps)).abs() > 0  # [N, T]
+        clipped = -A * ratio.clamp(1 - clip_eps, 1 + clip_eps) > -A * ratio  # [n, T] the clip takes effect
         stats = {"clip_frac": (clipped & ppo_tok).sum().item() / n_ppo,
                  "dual_clip_frac": ((A < 0) & (l_clip > -A * dual_clip) & ppo_tok).sum().item() / n_ppo,
                  "aas_tokens": aas_tok.sum().item(),
@@ -441,7 +446,7 @@ def policy_loss(logp, old_logp, adv, mask, guided, clip_eps=0.2, dual_clip=3.0):
 
 
 def kl_k3(logp, ref_logp):
-    """k3 estimator of KL(pi_theta || pi_ref) per token: exp(ref - logp) - (ref - logp) - 1. [N, T] -> [N, T]"""
+    """k3 estimator of KL(pi_theta || pi_ref) per token: exp(ref - logp) - (ref - logp) - 1. [n, T] -> [n, T]"""
     delta = ref_logp - logp
     return delta.exp() - delta - 1
 
@@ -455,8 +460,8 @@ def moves_weights(rollout, args):
 
 @torch.no_grad()
 def score_old(model, ref, rollouts, args):
-    """Step 8: old log-probs. The current student scores every final sequence (spliced ones too) once, before
-    any update, at the sampling temperature; the KL reference (with --kl-beta) scores them too."""
+    """Step 8: old log-probs. The current student scores every final sequence (spliced ones too) that can move
+    the weights once, before any update, at the sampling temperature; the KL reference (--kl-beta) too."""
     todo, rows = by_length([r for r in rollouts if moves_weights(r, args)]), 4 * args.micro_batch  # no grad: 4x rows
     for k in range(0, len(todo), rows):
         sub = todo[k:k + rows]
@@ -1274,7 +1279,7 @@ def load_model(name, args, trainable):
     if not trainable:
         return model.eval().requires_grad_(False)
     # No dropout: the update runs in train mode (for gradient checkpointing), and the ratio p / p_old must be
-    # exactly 1 before the first optimizer step. The saved config keeps its dropout values.
+    # 1 (up to numerics) before the first optimizer step. The saved config keeps its dropout values.
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
