@@ -1071,7 +1071,7 @@ def _split_top(s):
     """Split on commas outside brackets and braces."""
     parts, depth, cur = [], 0, ""
     for ch in s:
-        depth += 1 if ch in "([{" else -1 if ch in ")]}" else 0
+        depth += (ch in "([{") - (ch in ")]}")
         if ch == "," and depth == 0:
             parts.append(cur)
             cur = ""
@@ -1565,7 +1565,7 @@ def start_run(args):
         raise UserError(f"the initial model {args.teacher or args.model} (teacher or KL reference) is not there "
                         f"any more: pass its new place with --model (or --teacher)")
     tok = load_tokenizer(ckpt if resuming else args.model)
-    teacher_tok = None if args.no_teacher else load_tokenizer(args.teacher) if args.teacher else tok
+    teacher_tok = tok if not args.teacher else load_tokenizer(args.teacher)  # unused with --no-teacher
     problems, skipped, prompt_width = tokenize_prompts(problems, tok, args)
     # CPU first: RNG states must be CPU tensors; the optimizer moves its state to the parameters' device
     saved = load_trainer_state(ckpt) if resuming else None
