@@ -1782,6 +1782,7 @@ def test_end_to_end_folder_without_a_checkpoint_can_be_reused(model_dirs, train_
     (out / "metrics.jsonl").write_text('{"step": 1, "reward": 0.0}\n')
     assert run(base_args(model_dirs["random"], train_file, out, "--no-teacher", "--steps", 1)) == 0
     assert (out / "metrics.jsonl.aborted").read_text() == '{"step": 1, "reward": 0.0}\n'
+    assert "note: step 1: every rollout earned 0" in capsys.readouterr().out  # random weights: no signal, said once
     assert len(read_jsonl(out / "metrics.jsonl")) == 1 and (out / "ckpt").exists()
 
 

@@ -45,7 +45,7 @@ import signal
 import sys
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from types import SimpleNamespace
 
@@ -550,6 +550,7 @@ class Run:
     rng: random.Random  # rollout selection and mini-batch order
     state: dict  # step, cursor (position in the data stream), py_rng: what a resume restores
     eval_items: list = None  # held-out problems for --eval-every
+    said: set = field(default_factory=set)  # notes already printed once
 
 
 # ------------------------------------------------------------------------------------------------ one step
@@ -1780,6 +1781,10 @@ def sample_record(run, step, r):
 def log_step(run, step, rollouts, record):
     """Append the step's metrics, a few rollouts (guided first) and every teacher reply; returns the metrics."""
     row = step_metrics(run, step, rollouts, record)
+    if row["reward"] == 0 and "no signal" not in run.said:
+        run.said.add("no signal")
+        tqdm.write(f"note: step {step}: every rollout earned 0, so every advantage is 0 and the step learns nothing "
+                   f"(a task too hard for the model, or answers cut by --max-new-tokens; a lower --temperature helps)")
     with open(os.path.join(run.args.out, "metrics.jsonl"), "a") as f:
         f.write(json.dumps({k: None if v != v else v for k, v in row.items()}) + "\n")  # NaN -> null
     shown = ([r for r in rollouts if r.guided] + [r for r in rollouts if not r.guided])[:run.args.log_samples]
