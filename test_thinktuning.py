@@ -1592,7 +1592,7 @@ def test_print_plan_memory_estimate_and_gpu_warning_by_hand(tok, tmp_path, monke
                                          "--max-new-tokens", "20", "--out", str(tmp_path)])
     args.device, args.dtype = "cuda", "float32"  # as on a GPU, without one: only the device's size is asked
     run_ = type("Run", (), {"args": args, "student": student, "teacher": teacher, "ref": None,
-                            "optim": tt.MasterAdamW(student, 1e-6, 0.0)})()
+                            "optim": tt.MasterAdamW(student, 1e-6, 0.0), "student_how": tt.Sampling([1], 1, 20, batch=8)})()
     for total, warned in ((2_629_525, False), (2_629_524, True)):  # 2,498,048 / 0.95 = 2,629,524.2
         monkeypatch.setattr(tt.torch.cuda, "get_device_properties",
                             lambda device: type("Props", (), {"total_memory": total})())

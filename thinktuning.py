@@ -307,7 +307,10 @@ def guided_mask(rollout, teacher_tokens_only=False):
 
 def guide(rollouts, chosen, run):
     """Steps 4-5 on the chosen rollouts: the teacher reads each one (never the gold answer) and writes greedily;
-    a reply that parses is spliced on. Returns one record per reply asked for (text, passed, why not)."""
+    a reply that parses is spliced on. Returns one record per reply asked for (text, passed, why not).
+    Example: chosen = [3]; the teacher replies "<opinion>incorrect</opinion><reason>Wait, ...</reason><phrase>...
+    \\boxed{7}</phrase>" and EOS -> rollouts[3] becomes its student ids + "\\n\\nWait, ...\\n\\n... \\boxed{7}" + its
+    stop token, guided; a reply cut at --teacher-max-new-tokens leaves rollouts[3] as it was (why: no EOS)."""
     tok, teacher_tok, args = run.tok, run.teacher_tok, run.args
     queries = []
     for i in chosen:
@@ -1691,7 +1694,7 @@ def kv_cache_bytes(cfg, rows, length, itemsize):
 def print_plan(run, n_problems, skipped, prompt_width):
     """What a step does and what it costs: rollouts and tokens per step, a memory estimate, checkpoint size."""
     args, student, teacher = run.args, run.student, run.teacher
-    n_roll = args.prompts_per_step * args.group_size
+    n_roll = run.student_how.batch  # rollouts per step
     n_params = sum(p.numel() for p in run.optim.params)
     method = "ThinkTuning" if teacher is not None else "ThinkTuning (guidance over)"
     print(f"{'vanilla GRPO' if args.no_teacher else method}: {n_problems} questions"
