@@ -2368,8 +2368,10 @@ def test_report_only_eval_json(tmp_path):
     assert any("math500" in t for _, t in page.find("td"))
 
 
-def test_report_empty_folder(tmp_path):
+def test_report_empty_folder(tmp_path, capsys):
     assert page_of(tmp_path).find("h1")
+    assert run(["--report", tmp_path]) == 0 and f"wrote {tmp_path / 'report.html'}" in capsys.readouterr().out
+    assert run(["--report", tmp_path / "missing"]) == 2 and "no such run folder" in capsys.readouterr().err
 
 
 def test_report_eval_table_interval_and_paper(run_dir):

@@ -2008,8 +2008,9 @@ def compare_runs(folders):
             raise UserError(f"{path} is not an eval.json written by --eval (no results with an accuracy)")
         name = folder if name in runs else name
         runs[name] = (results, read_jsonl(os.path.join(folder, "eval_samples.jsonl")))
-        made.append(f"{name}: {ev.get('model', '?')}, " + (f"first {ev['limit']} items" if ev.get("limit")
-                                                           else "whole benchmarks"))
+        limit = ev.get("limit", "?")  # eval.json files of older versions did not record it
+        made.append(f"{name}: {ev.get('model', '?')}, " + {None: "whole benchmarks", "?": "limit not recorded"}.get(
+            limit, f"first {limit} items"))
     names = list(dict.fromkeys(b for res, _ in runs.values() for b in res))
     lines = ["| benchmark | " + " | ".join(runs) + " | paper GRPO | paper ThinkTuning |",
              "|---|" + "---|" * (len(runs) + 2)]
@@ -2339,6 +2340,8 @@ def main(argv=None):
         check_args(args)
         folders = [f.strip() for f in (args.compare or "").split(",") if f.strip()]
         if args.report:
+            if not os.path.isdir(args.report):
+                raise UserError(f"--report {args.report}: no such run folder")
             print(f"wrote {write_report(args.report, [f for f in folders if f != args.report])}")
         elif args.compare:
             compare_runs(folders)
