@@ -858,9 +858,12 @@ def test_grade_adversarial_inputs_are_fast():
 def test_grade_hedge_pattern_is_linear_in_whitespace():
     # the final sentence is at most 2 kB, where a quadratic pattern still passes at 50 ms; 20 kB shows the growth
     for text in ("7" + " " * 20_000 + "x", "7)" + "\t" * 20_000 + "or", "7" + " \n" * 10_000 + "and/or y"):
-        t0 = time.perf_counter()
-        tt._HEDGE.search(text)
-        assert time.perf_counter() - t0 < 0.01
+        took = []
+        for _ in range(3):  # the best of three: a busy machine can pause any single call
+            t0 = time.perf_counter()
+            tt._HEDGE.search(text)
+            took.append(time.perf_counter() - t0)
+        assert min(took) < 0.05  # linear: well under 1 ms; the quadratic pattern took seconds at this length
 
 
 # --------------------------------------------------------------------------------------------- advantages
