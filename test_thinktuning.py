@@ -1751,6 +1751,9 @@ def test_to_problems_checks_every_row(tmp_path, capsys):
     with pytest.raises(tt.UserError, match="no row has a usable answer"):
         tt.to_problems(rows[1:4], "bad")
     assert [p["gold"] for p in tt.to_problems([{"problem": "p", "answer": "\\frac12"}], "math")] == ["\\frac12"]
+    # AIME files hold both 'question' and 'problem', and plain answers: not GSM8K style, nothing skipped
+    aime = [{"question": "q1", "problem": "q1", "answer": "204"}, {"question": "q2", "problem": "q2", "answer": 25}]
+    assert [p["gold"] for p in tt.to_problems(aime, "aime")] == ["204", "25"]
 
 
 def test_eval_label_lines_up_with_the_paper_and_never_collides():
@@ -1765,6 +1768,7 @@ def test_end_to_end_resume_eval_evaluates_the_checkpoint(trained, model_dirs, tr
     ev = json.load(open(out / "eval.json"))
     assert ev["model"] == str(out / "ckpt") and ev["limit"] == 2 and ev["max_new_tokens"] == 8
     assert ev["samples"] == 1 and ev["temperature"] == 0.0 and ev["results"]["train"]["n"] == 2
+    assert ev["results"]["train"]["model"] == str(out / "ckpt") and ev["results"]["train"]["limit"] == 2
     assert "error" not in capsys.readouterr().err
 
 
@@ -1775,8 +1779,8 @@ def test_end_to_end_resume_says_where_and_keeps_a_history(trained, tmp_path, cap
     assert [json.loads(line)["first_step"] for line in open(out / "args_history.jsonl")] == [1, 2]
     assert run(["--resume", out, "--steps", 3, "--out", tmp_path / "elsewhere"]) == 2
     assert one_line_error(capsys, "cannot move it")
-    with pytest.raises(SystemExit):  # abbreviated flags are refused, not silently ignored
-        run(["--resume", out, "--step", 3])
+    assert run(["--resume", out, "--step", 3]) == 2  # abbreviated flags are refused, not silently ignored
+    assert one_line_error(capsys, "unrecognized arguments: --step 3")
 
 
 def test_end_to_end_folder_without_a_checkpoint_can_be_reused(model_dirs, train_file, tmp_path, capsys):
@@ -1871,10 +1875,27 @@ def test_writable_folder_says_what_is_wrong(tmp_path, capsys, train_file, model_
         locked.chmod(0o700)
 
 
-def test_compare_runs_malformed_eval_json(tmp_path, capsys):
+@pytest.mark.parametrize("text", ['{"results": {"gsm8k": {"n": 3}}}', "[1, 2]", '{"results": {',
+                                  '{"results": {"gsm8k": {"accuracy": "high"}}}'])
+def test_compare_runs_malformed_eval_json(tmp_path, capsys, text):
     (tmp_path / "r").mkdir()
-    (tmp_path / "r" / "eval.json").write_text('{"results": {"gsm8k": {"n": 3}}}')
+    (tmp_path / "r" / "eval.json").write_text(text)
     assert run(["--compare", tmp_path / "r"]) == 2 and one_line_error(capsys, "not an eval.json written by --eval")
+
+
+def test_main_argparse_errors_are_one_line(capsys):
+    for argv in (["--lr", "abc"], ["--dtype", "fp16"], ["--model", "m", "--ste", 4]):
+        assert run(argv) == 2 and one_line_error(capsys, "--help lists the flags")
+
+
+def test_start_run_missing_model_folder_makes_no_run_folder(train_file, tmp_path, capsys):
+    assert run(["--model", tmp_path / "no" / "such", "--train-data", train_file, "--device", "cpu",
+                "--out", tmp_path / "run"]) == 2
+    assert one_line_error(capsys, "no such folder") and not (tmp_path / "run").exists()
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    assert run(["--model", "m", "--train-data", empty, "--device", "cpu"]) == 2
+    assert one_line_error(capsys, "the file is empty")
 
 
 # --------------------------------------------------------------------------------------------- it learns

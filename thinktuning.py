@@ -62,8 +62,7 @@ from tqdm import tqdm
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="ThinkTuning (teacher-guided GRPO) or vanilla GRPO, on one GPU.",
-                                allow_abbrev=False)
+    p = Parser(description="ThinkTuning (teacher-guided GRPO) or vanilla GRPO, on one GPU.", allow_abbrev=False)
 
     def a(*flags, **kw):  # add_argument, with the default shown where there is one
         if kw.get("default") is not None and "action" not in kw:
@@ -657,6 +656,11 @@ class UserError(Exception):
     """Bad input: printed as one line, exit status 2."""
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, as every other bad input, instead of the usage block
+        raise UserError(f"{message} (python thinktuning.py --help lists the flags)")
+
+
 def first_line(e):
     """The first line of an exception's message (its type when the message is empty), for one-line errors."""
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
@@ -1165,6 +1169,8 @@ def _read_table(spec, split, config=None):
         kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(os.path.splitext(spec)[1])
         if kind is None:
             raise UserError(f"{spec}: expected a .jsonl, .json or .parquet file")
+        if os.path.isfile(spec) and not open(spec, "rb").read(4096).strip():
+            raise UserError(f"{spec}: the file is empty (no rows)")
         try:
             return list(datasets.load_dataset(kind, data_files=spec, split="train"))
         except Exception as e:
@@ -1201,15 +1207,17 @@ def to_problems(rows, name):
     if qkey is None or "answer" not in keys:
         raise UserError(f"{name}: rows need 'question' or 'problem' plus 'answer' fields (or GPQA's 'Question', "
                         f"'Correct Answer', 'Incorrect Answer 1-3'); found {sorted(keys)}")
-    # every row: a question, and a gold answer that can match (GSM8K style: the text after '####')
+    # every row: a question, and a gold answer that can match: in a GSM8K-style file (worked solutions ending in
+    # '#### N') the part after '####', elsewhere a short final answer
+    gsm8k = any("####" in str(r.get("answer")) for r in rows)
     ok = [r for r in rows if str(r.get(qkey) or "").strip() and str(r.get("answer") or "").strip()
-          and (qkey != "question" or "####" in str(r["answer"]))]
+          and ("####" in str(r["answer"]) if gsm8k else len(str(r["answer"])) <= MAX_ANSWER_CHARS)]
     if not ok:
-        raise UserError(f"{name}: no row has a usable answer ('question' rows need an answer ending in '#### N', "
-                        f"'problem' rows a non-empty 'answer')")
+        raise UserError(f"{name}: no row has a usable answer (GSM8K style: a solution ending in '#### N'; "
+                        f"otherwise the final answer itself)")
     if len(ok) < len(rows):
         print(f"note: {name}: {len(rows) - len(ok)} of {len(rows)} rows skipped (no question, or no usable answer"
-              f"{': GSM8K-style answers end in #### N' if qkey == 'question' else ''})")
+              f"{': GSM8K-style answers end in #### N' if gsm8k else ''})")
     return [{"question": r[qkey], "gold": gold_from_answer(r["answer"])} for r in ok]
 
 
@@ -1564,6 +1572,8 @@ def start_run(args):
     problems = load_problems(args.train_data)  # data errors end the run before any model is loaded
     eval_items = load_benchmark(args.eval_data, args.eval_every_limit) if args.eval_every else None
     ckpt, resuming = os.path.join(args.out, "ckpt"), args.resume is not None
+    if not resuming and not looks_loadable(args.model):
+        raise UserError(f"--model {args.model}: no such folder (a local model folder, or a Hub name like org/model)")
     check_out_folder(args, ckpt, resuming)
     if resuming and (args.kl_beta > 0 or not args.no_teacher) and not looks_loadable(args.teacher or args.model):
         raise UserError(f"the initial model {args.teacher or args.model} (teacher or KL reference) is not there "
@@ -1979,14 +1989,18 @@ def run_eval(args):
         all_preds += [{"benchmark": name, **p} for p in preds]
     # earlier results in OUT for other benchmarks are kept; the ones evaluated again are replaced
     json_path, samples_path = os.path.join(args.out, "eval.json"), os.path.join(args.out, "eval_samples.jsonl")
-    kept = json.load(open(json_path))["results"] if os.path.exists(json_path) else {}
-    kept_preds = ([line for line in open(samples_path) if json.loads(line)["benchmark"] not in results]
-                  if os.path.exists(samples_path) else [])
+    made = {"model": os.path.abspath(args.model) if os.path.exists(args.model) else args.model,
+            "samples": args.eval_samples, "temperature": args.eval_temperature if args.eval_samples > 1 else 0.0,
+            "max_new_tokens": how.max_new, "limit": args.eval_limit}
+    for r in results.values():  # each result says how it was made: a folder may hold results of several calls
+        r.update(made)
+    kept = read_json(json_path).get("results") or {}
+    if any(r.get("model") != made["model"] for b, r in kept.items() if b not in results):
+        print(f"note: {json_path} keeps results of another model for {', '.join(b for b in kept if b not in results)}"
+              f" (each result names its model)")
+    kept_preds = [json.dumps(p) + "\n" for p in read_jsonl(samples_path) if p.get("benchmark") not in results]
     with open(json_path, "w") as f:
-        json.dump({"model": os.path.abspath(args.model) if os.path.exists(args.model) else args.model,
-                   "samples": args.eval_samples, "temperature": args.eval_temperature if args.eval_samples > 1 else 0.0,
-                   "max_new_tokens": how.max_new, "limit": args.eval_limit, "results": {**kept, **results}},
-                  f, indent=1)
+        json.dump({**made, "results": {**kept, **results}}, f, indent=1)
     with open(samples_path, "w") as f:
         f.writelines(kept_preds + [json.dumps(p) + "\n" for p in all_preds])
     print(eval_table(results))
@@ -2004,13 +2018,15 @@ def compare_runs(folders):
             raise UserError(f"{folder}: no eval.json (run --eval with --out {folder} first)")
         name, ev = os.path.basename(os.path.normpath(folder)), read_json(path)
         results = ev.get("results")
-        if not isinstance(results, dict) or not all(isinstance(r, dict) and "accuracy" in r for r in results.values()):
-            raise UserError(f"{path} is not an eval.json written by --eval (no results with an accuracy)")
+        if not isinstance(results, dict) or not all(isinstance(r, dict) and num(r.get("accuracy")) is not None
+                                                    for r in results.values()):
+            raise UserError(f"{path} is not an eval.json written by --eval (not JSON, or no results with an accuracy)")
         name = folder if name in runs else name
         runs[name] = (results, read_jsonl(os.path.join(folder, "eval_samples.jsonl")))
-        limit = ev.get("limit", "?")  # eval.json files of older versions did not record it
-        made.append(f"{name}: {ev.get('model', '?')}, " + {None: "whole benchmarks", "?": "limit not recorded"}.get(
-            limit, f"first {limit} items"))
+        for b, r in results.items():  # older eval.json files record model and limit once, or not at all
+            limit = r.get("limit", ev.get("limit", "?"))
+            made.append(f"{name} {b}: {r.get('model', ev.get('model', '?'))}, "
+                        + {None: "whole benchmark", "?": "limit not recorded"}.get(limit, f"first {limit} items"))
     names = list(dict.fromkeys(b for res, _ in runs.values() for b in res))
     lines = ["| benchmark | " + " | ".join(runs) + " | paper GRPO | paper ThinkTuning |",
              "|---|" + "---|" * (len(runs) + 2)]
@@ -2168,7 +2184,7 @@ def eval_section(ev):
     """Per benchmark: n, accuracy with its interval, pass@k, length, truncation, and the paper's Table 1."""
     res = ev.get("results") or {}
     if not res:
-        return '<p class="note">No eval.json in this folder.</p>'
+        return '<p class="note">No readable eval.json in this folder.</p>'
     rows = []
     for b, r in res.items():
         pk = [f"{k} {v:.2f}" for k, v in r.items() if k.startswith("pass@") and num(v) is not None]
@@ -2262,11 +2278,12 @@ def rollouts_section(samples, shown=6):
 
 
 def read_json(path):
-    """A JSON object from a file; {} when missing or unreadable."""
+    """A JSON object from a file; {} when missing, unreadable or not an object."""
     try:
-        return json.load(open(path, encoding="utf-8"))
+        obj = json.load(open(path, encoding="utf-8"))
     except (OSError, ValueError):
         return {}
+    return obj if isinstance(obj, dict) else {}
 
 
 EXPLAIN = ("Shaded bands in the charts: steps where at least one rollout had the teacher's feedback spliced onto it. "
@@ -2331,8 +2348,8 @@ def print_exercise(spec):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     parser = build_parser()
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)
         if args.exercise:
             return print_exercise(args.exercise) or 0
         if args.resume:
@@ -2352,6 +2369,9 @@ def main(argv=None):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\nstopped at once (second Ctrl-C): nothing saved since the last checkpoint", file=sys.stderr)
+        return 130
     except torch.cuda.OutOfMemoryError:
         print("error: out of GPU memory: lower --micro-batch (update), or --prompts-per-step, --max-new-tokens "
               "or --eval-batch-size (sampling)", file=sys.stderr)
