@@ -2058,6 +2058,7 @@ CHARTS = [("reward", "reward", "reward reward_guided reward_unguided"), ("loss",
           ("seconds", "seconds per phase", "t_student t_teacher t_logprob t_update"), ("kl", "KL", "kl"),
           ("peak_mem_gb", "peak GPU memory GB", "peak_mem_gb")]
 COLORS = ["#1f5fa8", "#d2691e", "#2e8b57", "#8b3a8b"]
+DASHES = ["", "6 3", "2 3", "8 3 2 3"]  # equal curves would hide each other: each series has its own dash
 CSS = """body{font:14px/1.45 system-ui,sans-serif;margin:24px;color:#222;max-width:1160px}h2{margin-top:28px}
 .charts{display:flex;flex-wrap:wrap;gap:10px}svg text{font:11px sans-serif;fill:#333}.ttl{font-weight:bold}
 .frame{fill:none;stroke:#bbb}.band{fill:#fde9b8}table{border-collapse:collapse}.note,.hdr{color:#555;font-size:13px}
@@ -2118,11 +2119,11 @@ def line_chart(cid, title, steps, series, bands):
     """One small SVG line chart; series = [(metric, values aligned with steps, None = no value)]. Steps without
     a value are skipped, so each polyline has exactly one point per step that logged the metric."""
     W, H, L, R, T, B = 370, 180, 52, 12, 34, 22  # size and margins in px: room for the title and labels
-    lines = [(m, pts, col) for (m, vals), col in zip(series, COLORS)
+    lines = [(m, pts, col, dash) for (m, vals), col, dash in zip(series, COLORS, DASHES)
              for pts in [[(s, v) for s, v in zip(steps, vals) if v is not None]] if pts]
     if not lines:
         return ""
-    ys = [v for _, pts, _ in lines for _, v in pts]
+    ys = [v for _, pts, _, _ in lines for _, v in pts]
     x0, x1, y0, y1 = min(steps), max(steps), min(ys), max(ys)
     def X(s): return L + (s - x0) / ((x1 - x0) or 1) * (W - L - R)
     def Y(v): return H - B - 5 - (v - y0) / ((y1 - y0) or 1) * (H - T - B - 10)  # 5 px off the frame
@@ -2132,12 +2133,13 @@ def line_chart(cid, title, steps, series, bands):
         lo, hi = max(L, X(a) - half), min(W - R, X(b) + half)
         out.append(f'<rect class="band" x="{lo:.1f}" y="{T}" width="{hi - lo:.1f}" height="{H - T - B}"/>')
     out.append(f'<rect class="frame" x="{L}" y="{T}" width="{W - L - R}" height="{H - T - B}"/>')
-    for m, pts, col in lines:
+    for m, pts, col, dash in lines:
         xy = " ".join(f"{X(s):.1f},{Y(v):.1f}" for s, v in pts)
-        out.append(f'<polyline data-metric="{m}" fill="none" stroke="{col}" stroke-width="1.6" points="{xy}"/>')
+        out.append(f'<polyline data-metric="{m}" fill="none" stroke="{col}" stroke-width="1.6" '
+                   f'stroke-dasharray="{dash}" points="{xy}"/>')
         if len(pts) <= 40:  # dots keep a lone point (one eval, one guided step) visible
             out += [f'<circle cx="{X(s):.1f}" cy="{Y(v):.1f}" r="2.2" fill="{col}"/>' for s, v in pts]
-    legend = "".join(f'<tspan fill="{c}">\u25a0</tspan> {m}  ' for m, _, c in lines) if len(series) > 1 else ""
+    legend = "".join(f'<tspan fill="{c}">\u25a0</tspan> {m}  ' for m, _, c, _ in lines) if len(series) > 1 else ""
     out += [f'<text class="ttl" x="4" y="14">{html.escape(title)}</text>', f'<text x="4" y="28">{legend}</text>',
             f'<text x="{L - 4}" y="{Y(y1) + 4:.0f}" text-anchor="end">{y1:.3g}</text>',
             f'<text x="{L - 4}" y="{Y(y0) + 4:.0f}" text-anchor="end">{y0:.3g}</text>' if y0 != y1 else "",
@@ -2210,7 +2212,9 @@ def compare_section(folders):
             n, x, y, p = paired_test(runs[0][2], preds, b) if i else (0, 0, 0, None)
             cmp = [n, x, y, f"{p:.3g}"] if i and n else ["-"] * 4
             rows.append([html.escape(b), html.escape(name), acc_cell(res[b]) if b in res else "-", *cmp])
-    head = "benchmark|run|accuracy % [95% CI]|paired n|b: first right, this wrong|c: first wrong, this right|McNemar p"
+    first = html.escape(runs[0][0])
+    head = (f"benchmark|run|accuracy % [95% CI]|paired n|right only in {first}|right only in this run|McNemar p "
+            f"against {first}")
     return table(head, rows) + ('<p class="note">McNemar: exact two-sided binomial test on the questions where '
                                 "the two runs' greedy answers disagree; p &lt; 0.05 suggests a real difference.</p>")
 
