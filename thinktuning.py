@@ -2163,8 +2163,9 @@ def curves_section(rows):
     n_guided = sum((num(r.get("n_guided")) or 0) > 0 for r in rows)
     charts = [line_chart(cid, title, steps, [(m, [num(r.get(m)) for r in rows]) for m in ms.split()], bands)
               for cid, title, ms in CHARTS]
-    return (f'<p class="note">{len(rows)} steps logged, {n_guided} with guided rollouts (shaded). Labels: min and '
-            f'max value (left), first and last step (bottom).</p><div class="charts">{"".join(charts)}</div>')
+    return (f'<p class="note">{len(rows)} steps logged, {n_guided} with guided rollouts (shaded: the teacher\'s '
+            f'feedback was spliced onto at least one rollout). Labels: min and max value (left), first and last step '
+            f'(bottom).</p><div class="charts">{"".join(charts)}</div>')
 
 
 def acc_cell(r):
@@ -2272,8 +2273,8 @@ def rollouts_section(samples, shown=6):
     note = (f"<p class='note'>Teacher replies: {ok} passed the format check, {len(replies) - ok} failed.</p>"
             if replies else "")
     sw = "".join(f'<span class="sw" style="{weight_style(w)}">{w}</span>' for w in (0.5, 0.7, 0.9, 1, 1.1, 1.5))
-    legend = (f'<p class="note">AAS weight p/d: {sw} <span class="sw ppo">PPO</span> &nbsp; student text, '
-              f'<span class="tt">teacher text</span>. Hover a token for p and p/d.</p>')
+    legend = (f"<p>{EXPLAIN}</p>" f'<p class="note">AAS weight p/d: {sw} <span class="sw ppo">PPO</span> &nbsp; '
+              f'student text, <span class="tt">teacher text</span>. Hover a token for p and p/d.</p>')
     if not guided:  # e.g. a vanilla GRPO run: show what the student wrote instead
         latest = rolls[::-1][:2]
         head = "No guided rollouts logged" + ("; the latest unguided ones:" if latest else ".")
@@ -2290,8 +2291,7 @@ def read_json(path):
     return obj if isinstance(obj, dict) else {}
 
 
-EXPLAIN = ("Shaded bands in the charts: steps where at least one rollout had the teacher's feedback spliced onto it. "
-           "In the guided rollouts below, the student's tokens are plain black, the teacher's blue italic after a "
+EXPLAIN = ("The student's tokens are plain black, the teacher's blue italic after a "
            "<b>teacher &#9656;</b> marker. A token's background is its AAS weight p/d, the factor on its gradient: "
            "white near 1 (as an ordinary token), orange below 1 (a token the student found very unlikely: its push is "
            "damped), blue above 1 (negative advantage: pushed away harder). Hatched tokens with a dotted outline went "
@@ -2303,7 +2303,7 @@ def write_report(out, others=()):
     """Write OUT/report.html from whichever of metrics.jsonl, samples.jsonl, eval.json the folder holds; with
     others (more run folders), a table comparing their evals to this run's. Returns the page's path."""
     name = html.escape(os.path.basename(os.path.normpath(out)))
-    parts = [f"<h1>ThinkTuning run: {name}</h1>", f"<p>{EXPLAIN}</p>", "<h2>Training curves</h2>",
+    parts = [f"<h1>ThinkTuning run: {name}</h1>", "<h2>Training curves</h2>",
              curves_section(read_jsonl(os.path.join(out, "metrics.jsonl"))), "<h2>Evaluation</h2>",
              eval_section(read_json(os.path.join(out, "eval.json")))]
     if others:
