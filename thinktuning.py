@@ -45,7 +45,7 @@ import signal
 import sys
 import time
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from types import SimpleNamespace
 
@@ -508,9 +508,11 @@ def update(model, rollouts, optim, args, rng):
     for mb in tqdm(range(args.minibatches), desc="update", leave=False):
         rows = [rollouts[i] for i in order[mb * size:(mb + 1) * size]]
         n_tokens = sum(len(r.response) for r in rows)  # every row counts, also those that cannot move weights
-        idle = [r for r in rows if not moves_weights(r, args)]  # A = 0: all their guided tokens are AAS tokens
-        aas_idle += sum(int(guided_mask(r, args.guide_teacher_tokens_only).sum()) for r in idle)
-        rows, finite, loss_sum = by_length([r for r in rows if moves_weights(r, args)]), True, 0.0
+        busy, idle = [], []
+        for r in rows:
+            (busy if moves_weights(r, args) else idle).append(r)
+        aas_idle += sum(int(guided_mask(r, args.guide_teacher_tokens_only).sum()) for r in idle)  # A = 0: all AAS
+        rows, finite, loss_sum = by_length(busy), True, 0.0
         for k in range(0, len(rows), args.micro_batch):
             loss, st, n = micro_batch_loss(model, rows[k:k + args.micro_batch], args)
             if not torch.isfinite(loss):
@@ -1763,9 +1765,7 @@ def step_metrics(run, step, rollouts, record):
            "reflect_rate": nanmean([float(bool(REFLECTIVE.search(text))) for _, text in own]),
            **record["update"], **dict(zip(("t_student", "t_teacher", "t_logprob", "t_update"), record["seconds"]))}
     if args.eval_every and step % args.eval_every == 0:  # held-out accuracy, in the sampler's shape
-        how = Sampling(run.student_how.stops, run.student_how.pad_id, args.max_new_tokens, 0.0, 1.0, args.fast,
-                       batch=run.student_how.batch)
-        held_out, _ = evaluate(run.student, run.tok, run.eval_items, how)
+        held_out, _ = evaluate(run.student, run.tok, run.eval_items, run.student_how)  # greedy: k = 1
         row.update(eval_accuracy=held_out["accuracy"], eval_truncated_pct=held_out["truncated_pct"])
     if args.device.startswith("cuda"):  # this step's high-water mark, to compare with the estimate
         row["peak_mem_gb"] = torch.cuda.max_memory_allocated(args.device) / 1e9
@@ -1925,8 +1925,8 @@ def evaluate(model, tok, items, how, k=1, desc="eval"):
     is the rows of one generate call (questions x k); the prompt width is the benchmark's longest prompt."""
     prompts = [student_prompt(tok, it["question"]) for it in items]
     order = sorted(range(len(items)), key=lambda i: (len(prompts[i]), i))  # similar lengths share a batch
-    how = Sampling(how.stops, how.pad_id, how.max_new, how.temperature if k > 1 else 0.0, 1.0, how.fast,
-                   how.batch, round_up(max(len(p) for p in prompts)))  # one static shape for the whole benchmark
+    how = replace(how, temperature=how.temperature if k > 1 else 0.0, top_p=1.0,
+                  prompt_len=round_up(max(len(p) for p in prompts)))  # one static shape for the whole benchmark
     preds, per_call = [], max(1, how.batch // k)
     for b in tqdm(range(0, len(order), per_call), desc=desc, leave=False):
         idx = [i for i in order[b:b + per_call] for _ in range(k)]
