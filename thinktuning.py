@@ -1499,6 +1499,32 @@ def nanmean(xs):
     return sum(xs) / len(xs) if xs else float("nan")
 
 
+def num(v):
+    """A finite float, or None (null, NaN, text, bool: no value this step)."""
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    return float(v) if ok else None
+
+
+def read_json(path):
+    """A JSON object from a file; {} when missing, unreadable or not an object."""
+    try:
+        obj = json.load(open(path, encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return obj if isinstance(obj, dict) else {}
+
+
+def read_jsonl(path):
+    """The JSON objects of a jsonl file; [] when missing. A torn line (a run killed mid-write) is skipped."""
+    rows = []
+    for line in open(path, encoding="utf-8") if os.path.exists(path) else []:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            pass
+    return [r for r in rows if isinstance(r, dict)]
+
+
 def round_up(n, multiple=64):
     return -(-n // multiple) * multiple
 
@@ -2008,31 +2034,73 @@ def run_eval(args):
     return results
 
 
-def compare_runs(folders):
-    """One markdown table of accuracy (%) with its 95% Wilson interval per benchmark and run (their
-    OUT/eval.json), the paper's beside; then McNemar's exact test of each run against the first."""
-    runs, made = {}, []
+def wilson_interval(k, n, z=1.96):
+    """95% Wilson score interval (lo, hi) for k successes in n trials; stays inside [0, 1] even at k = 0 or n."""
+    if n <= 0:
+        return 0.0, 1.0
+    p, zz = k / n, z * z
+    centre, half = (p + zz / (2 * n)) / (1 + zz / n), z * math.sqrt(p * (1 - p) / n + zz / (4 * n * n)) / (1 + zz / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def mcnemar_exact(b, c):
+    """Two-sided exact McNemar p: under no difference each discordant pair goes either way with chance 1/2."""
+    if b + c == 0:
+        return 1.0
+    return min(1.0, 2 * sum(math.comb(b + c, i) for i in range(min(b, c) + 1)) / 2 ** (b + c))
+
+
+def paired_test(samples_a, samples_b, benchmark):
+    """(n_paired, b, c, p) on one benchmark's greedy answers (sample 0) of two runs, paired by question index;
+    b = A right and B wrong, c = A wrong and B right."""
+    def greedy(rows): return {r.get("index"): bool(r.get("correct")) for r in rows
+                              if r.get("benchmark") == benchmark and r.get("sample", 0) == 0}
+    a, bb = greedy(samples_a), greedy(samples_b)
+    both = a.keys() & bb.keys()
+    b, c = sum(a[i] and not bb[i] for i in both), sum(bb[i] and not a[i] for i in both)
+    return len(both), b, c, mcnemar_exact(b, c)
+
+
+def acc_cell(r):
+    """'47.5 [43.1, 51.9]': accuracy % and its 95% Wilson interval. Trials = the n questions, not n * samples:
+    the samples of one question are not independent, so counting them all would make the interval too narrow."""
+    n, acc = num(r.get("n")) or 0, num(r.get("accuracy"))
+    lo, hi = wilson_interval((acc or 0) / 100 * n, n)
+    return "-" if acc is None else f"{acc:.2f} [{100 * lo:.1f}, {100 * hi:.1f}]"
+
+
+def read_runs(folders, strict=True):
+    """name -> (results, eval_samples rows, eval.json) per run folder. A folder without an eval.json written by
+    --eval is an error when strict (--compare), a run without results otherwise (the report page)."""
+    runs = {}
     for folder in folders:
-        path = os.path.join(folder, "eval.json")
-        if not os.path.exists(path):
-            raise UserError(f"{folder}: no eval.json (run --eval with --out {folder} first)")
-        name, ev = os.path.basename(os.path.normpath(folder)), read_json(path)
+        ev, name = read_json(os.path.join(folder, "eval.json")), os.path.basename(os.path.normpath(folder))
         results = ev.get("results")
         if not isinstance(results, dict) or not all(isinstance(r, dict) and num(r.get("accuracy")) is not None
                                                     for r in results.values()):
-            raise UserError(f"{path} is not an eval.json written by --eval (not JSON, or no results with an accuracy)")
-        name = folder if name in runs else name
-        runs[name] = (results, read_jsonl(os.path.join(folder, "eval_samples.jsonl")))
+            if strict:
+                raise UserError(f"{os.path.join(folder, 'eval.json')}: missing, or not an eval.json written by --eval "
+                                f"(run --eval with --out {folder} first)")
+            results = {}
+        runs[folder if name in runs else name] = (results, read_jsonl(os.path.join(folder, "eval_samples.jsonl")), ev)
+    return runs
+
+
+def compare_runs(folders):
+    """One markdown table of accuracy (%) with its 95% Wilson interval per benchmark and run (their
+    OUT/eval.json), the paper's beside; then McNemar's exact test of each run against the first."""
+    runs, made = read_runs(folders), []
+    for name, (results, _, ev) in runs.items():
         for b, r in results.items():  # older eval.json files record model and limit once, or not at all
             limit = r.get("limit", ev.get("limit", "?"))
             made.append(f"{name} {b}: {r.get('model', ev.get('model', '?'))}, "
                         + {None: "whole benchmark", "?": "limit not recorded"}.get(limit, f"first {limit} items"))
-    names = list(dict.fromkeys(b for res, _ in runs.values() for b in res))
+    names = list(dict.fromkeys(b for res, _, _ in runs.values() for b in res))
     lines = ["| benchmark | " + " | ".join(runs) + " | paper GRPO | paper ThinkTuning |",
              "|---|" + "---|" * (len(runs) + 2)]
     for b in names:
         paper = [f"{x:.2f}" for x in PAPER[b]] if b in PAPER else ["-", "-"]
-        lines.append(f"| {b} | " + " | ".join([acc_cell(res[b]) if b in res else "-" for res, _ in runs.values()]
+        lines.append(f"| {b} | " + " | ".join([acc_cell(res[b]) if b in res else "-" for res, _, _ in runs.values()]
                                               + paper) + " |")
     first, *rest = runs
     for b in names:
@@ -2069,50 +2137,6 @@ td:first-child,th:first-child{text-align:left}
 .toks span{box-shadow:inset -1px 0 #d4d4d4}
 .cut{color:#fff;background:#0b3d91;font:bold 11px sans-serif;padding:0 4px;margin:0 4px}
 .ppo{outline:1px dotted #444;background:repeating-linear-gradient(45deg,#ddd 0 3px,#fff 3px 6px)}"""
-
-
-def num(v):
-    """A finite float, or None (null, NaN, text, bool: no value this step)."""
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-    return float(v) if ok else None
-
-
-def read_jsonl(path):
-    """The JSON objects of a jsonl file; [] when missing. A torn line (a run killed mid-write) is skipped."""
-    rows = []
-    for line in open(path, encoding="utf-8") if os.path.exists(path) else []:
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            pass
-    return [r for r in rows if isinstance(r, dict)]
-
-
-def wilson_interval(k, n, z=1.96):
-    """95% Wilson score interval (lo, hi) for k successes in n trials; stays inside [0, 1] even at k = 0 or n."""
-    if n <= 0:
-        return 0.0, 1.0
-    p, zz = k / n, z * z
-    centre, half = (p + zz / (2 * n)) / (1 + zz / n), z * math.sqrt(p * (1 - p) / n + zz / (4 * n * n)) / (1 + zz / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def mcnemar_exact(b, c):
-    """Two-sided exact McNemar p: under no difference each discordant pair goes either way with chance 1/2."""
-    if b + c == 0:
-        return 1.0
-    return min(1.0, 2 * sum(math.comb(b + c, i) for i in range(min(b, c) + 1)) / 2 ** (b + c))
-
-
-def paired_test(samples_a, samples_b, benchmark):
-    """(n_paired, b, c, p) on one benchmark's greedy answers (sample 0) of two runs, paired by question index;
-    b = A right and B wrong, c = A wrong and B right."""
-    def greedy(rows): return {r.get("index"): bool(r.get("correct")) for r in rows
-                              if r.get("benchmark") == benchmark and r.get("sample", 0) == 0}
-    a, bb = greedy(samples_a), greedy(samples_b)
-    both = a.keys() & bb.keys()
-    b, c = sum(a[i] and not bb[i] for i in both), sum(bb[i] and not a[i] for i in both)
-    return len(both), b, c, mcnemar_exact(b, c)
 
 
 def line_chart(cid, title, steps, series, bands):
@@ -2168,14 +2192,6 @@ def curves_section(rows):
             f'(bottom).</p><div class="charts">{"".join(charts)}</div>')
 
 
-def acc_cell(r):
-    """'47.5 [43.1, 51.9]': accuracy % and its 95% Wilson interval. Trials = the n questions, not n * samples:
-    the samples of one question are not independent, so counting them all would make the interval too narrow."""
-    n, acc = num(r.get("n")) or 0, num(r.get("accuracy"))
-    lo, hi = wilson_interval((acc or 0) / 100 * n, n)
-    return "-" if acc is None else f"{acc:.2f} [{100 * lo:.1f}, {100 * hi:.1f}]"
-
-
 def table(head, rows):
     """An HTML table: head is 'col|col|...', rows are lists of cells already escaped."""
     th = "".join(f"<th>{h}</th>" for h in head.split("|"))
@@ -2205,12 +2221,11 @@ def eval_section(ev):
 def compare_section(folders):
     """Each run's accuracy and interval per benchmark, and the exact McNemar p of its greedy answers against
     the first run's on the same questions."""
-    runs = [(os.path.basename(os.path.normpath(f)), read_json(os.path.join(f, "eval.json")).get("results") or {},
-             read_jsonl(os.path.join(f, "eval_samples.jsonl"))) for f in folders]
+    runs = list(read_runs(folders, strict=False).items())
     rows = []
-    for b in dict.fromkeys(b for _, res, _ in runs for b in res):
-        for i, (name, res, preds) in enumerate(runs):
-            n, x, y, p = paired_test(runs[0][2], preds, b) if i else (0, 0, 0, None)
+    for b in dict.fromkeys(b for _, (res, _, _) in runs for b in res):
+        for i, (name, (res, preds, _)) in enumerate(runs):
+            n, x, y, p = paired_test(runs[0][1][1], preds, b) if i else (0, 0, 0, None)
             cmp = [n, x, y, f"{p:.3g}"] if i and n else ["-"] * 4
             rows.append([html.escape(b), html.escape(name), acc_cell(res[b]) if b in res else "-", *cmp])
     first = html.escape(runs[0][0])
@@ -2280,15 +2295,6 @@ def rollouts_section(samples, shown=6):
         head = "No guided rollouts logged" + ("; the latest unguided ones:" if latest else ".")
         return note + f'<p class="note">{head}</p>' + "".join(rollout_block(s) for s in latest)
     return legend + note + "".join(rollout_block(s) for s in guided[:shown])
-
-
-def read_json(path):
-    """A JSON object from a file; {} when missing, unreadable or not an object."""
-    try:
-        obj = json.load(open(path, encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return obj if isinstance(obj, dict) else {}
 
 
 EXPLAIN = ("The student's tokens are plain black, the teacher's blue italic after a "
