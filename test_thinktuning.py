@@ -2135,7 +2135,8 @@ def test_end_to_end_eval_counts_and_table(model_dirs, tmp_path, capsys):
     assert run(["--model", model_dirs["bigram"], "--eval", f"{a},{b}", "--out", out, "--device", "cpu",
                 "--max-new-tokens", 20, "--eval-batch-size", 2]) == 0
     table = capsys.readouterr().out
-    assert "| mini_a | 5 | 60.00 |" in table and "| mini_b | 2 | 50.00 |" in table
+    (a0, a1), (b0, b1) = _wilson(3, 5), _wilson(1, 2)  # 3 of 5 and 1 of 2 right, with 95% Wilson intervals
+    assert f"| mini_a | 5 | 1 | 60.00 [{a0:.1f}, {a1:.1f}] |" in table and f"| mini_b | 2 | 1 | 50.00 [{b0:.1f}, {b1:.1f}] |" in table
     res = json.load(open(out / "eval.json"))["results"]
     preds = read_jsonl(out / "eval_samples.jsonl")
     assert len(preds) == 7 and res["mini_a"]["truncated_pct"] == 0

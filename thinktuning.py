@@ -1974,15 +1974,25 @@ def evaluate(model, tok, items, how, k=1, desc="eval"):
     return summary, preds
 
 
-def eval_table(results):
-    keys = sorted({key for r in results.values() for key in r if key.startswith("pass@")})
-    head = ("| benchmark | n | accuracy (pass@1, %) | " + "".join(f"{key} (%) | " for key in keys)
-            + "mean length (tokens) | truncated (%) |")
-    lines = [head, "|" + "---|" * (5 + len(keys))]
-    for name, r in results.items():
-        lines.append(f"| {name} | {r['n']} | {r['accuracy']:.2f} | " + "".join(f"{r[key]:.2f} | " for key in keys)
-                     + f"{r['mean_length']:.0f} | {r['truncated_pct']:.1f} |")
-    return "\n".join(lines)
+EVAL_HEAD = "benchmark|n|samples|accuracy % [95% CI]|pass@k %|mean length|truncated %|paper GRPO|paper ThinkTuning"
+
+
+def eval_rows(results):
+    """Per benchmark: n, samples, accuracy with its interval, pass@k, length, truncation, the paper's Table 1."""
+    rows = []
+    for b, r in results.items():
+        pk = [f"{k} {v:.2f}" for k, v in r.items() if k.startswith("pass@") and num(v) is not None]
+        paper = [f"{x:.2f}" for x in PAPER[b]] if b in PAPER else ["-", "-"]
+        rows.append([b, r.get("n", "-"), r.get("samples", "-"), acc_cell(r), ", ".join(pk) or "-",
+                     f"{num(r.get('mean_length')) or 0:.0f}", f"{num(r.get('truncated_pct')) or 0:.1f}", *paper])
+    return rows
+
+
+def markdown(head, rows):
+    """A markdown table: head is 'col|col|...', rows are lists of cells."""
+    cols = head.split("|")
+    return "\n".join(["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+                     + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
 
 
 def eval_label(name, taken):
@@ -2029,7 +2039,7 @@ def run_eval(args):
         json.dump({**made, "results": {**kept, **results}}, f, indent=1)
     with open(samples_path, "w") as f:
         f.writelines(kept_preds + [json.dumps(p) + "\n" for p in all_preds])
-    print(eval_table(results))
+    print(markdown(EVAL_HEAD, eval_rows(results)))
     print(f"wrote {write_report(args.out)}")
     return results
 
@@ -2096,12 +2106,9 @@ def compare_runs(folders):
             made.append(f"{name} {b}: {r.get('model', ev.get('model', '?'))}, "
                         + {None: "whole benchmark", "?": "limit not recorded"}.get(limit, f"first {limit} items"))
     names = list(dict.fromkeys(b for res, _, _ in runs.values() for b in res))
-    lines = ["| benchmark | " + " | ".join(runs) + " | paper GRPO | paper ThinkTuning |",
-             "|---|" + "---|" * (len(runs) + 2)]
-    for b in names:
-        paper = [f"{x:.2f}" for x in PAPER[b]] if b in PAPER else ["-", "-"]
-        lines.append(f"| {b} | " + " | ".join([acc_cell(res[b]) if b in res else "-" for res, _, _ in runs.values()]
-                                              + paper) + " |")
+    rows = [[b, *[acc_cell(res[b]) if b in res else "-" for res, _, _ in runs.values()],
+             *([f"{x:.2f}" for x in PAPER[b]] if b in PAPER else ["-", "-"])] for b in names]
+    lines = markdown("benchmark|" + "|".join(runs) + "|paper GRPO|paper ThinkTuning", rows).split("\n")
     first, *rest = runs
     for b in names:
         for name in rest:
@@ -2193,29 +2200,21 @@ def curves_section(rows):
 
 
 def table(head, rows):
-    """An HTML table: head is 'col|col|...', rows are lists of cells already escaped."""
-    th = "".join(f"<th>{h}</th>" for h in head.split("|"))
-    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
+    """An HTML table: head is 'col|col|...', rows are lists of cells (escaped here)."""
+    th = "".join(f"<th>{html.escape(h)}</th>" for h in head.split("|"))
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
     return f"<table><tr>{th}</tr>{body}</table>"
 
 
 def eval_section(ev):
-    """Per benchmark: n, accuracy with its interval, pass@k, length, truncation, and the paper's Table 1."""
-    res = ev.get("results") or {}
-    if not res:
+    """The evaluation table of eval.json, with how its results were made above it."""
+    if not ev.get("results"):
         return '<p class="note">No readable eval.json in this folder.</p>'
-    rows = []
-    for b, r in res.items():
-        pk = [f"{k} {v:.2f}" for k, v in r.items() if k.startswith("pass@") and num(v) is not None]
-        paper = [f"{x:.2f}" for x in PAPER[b]] if b in PAPER else ["-", "-"]
-        rows.append([html.escape(b), r.get("n", "-"), r.get("samples", "-"), acc_cell(r), ", ".join(pk) or "-",
-                     f"{num(r.get('mean_length')) or 0:.0f}", f"{num(r.get('truncated_pct')) or 0:.1f}", *paper])
     conf = ", ".join(f"{k} {html.escape(str(v))}" for k, v in ev.items() if k != "results")
-    head = "benchmark|n|samples|accuracy % [95% CI]|pass@k %|mean length|truncated %|paper GRPO|paper ThinkTuning"
-    return (f'<p class="note">{conf}</p>' + table(head, rows) + '<p class="note">95% Wilson interval over the n '
-            "questions (not n &times; samples: one question's samples are not independent). The paper's numbers are "
-            "for Llama-3.2-3B-Instruct, full benchmarks, greedy pass@1: not comparable to another model or to an "
-            "--eval-limit subset.</p>")
+    return (f'<p class="note">{conf}</p>' + table(EVAL_HEAD, eval_rows(ev["results"])) + '<p class="note">95% Wilson '
+            "interval over the n questions (not n &times; samples: one question's samples are not independent). The "
+            "paper's numbers are for Llama-3.2-3B-Instruct, full benchmarks, greedy pass@1: not comparable to another "
+            "model or to an --eval-limit subset.</p>")
 
 
 def compare_section(folders):
@@ -2227,8 +2226,8 @@ def compare_section(folders):
         for i, (name, (res, preds, _)) in enumerate(runs):
             n, x, y, p = paired_test(runs[0][1][1], preds, b) if i else (0, 0, 0, None)
             cmp = [n, x, y, f"{p:.3g}"] if i and n else ["-"] * 4
-            rows.append([html.escape(b), html.escape(name), acc_cell(res[b]) if b in res else "-", *cmp])
-    first = html.escape(runs[0][0])
+            rows.append([b, name, acc_cell(res[b]) if b in res else "-", *cmp])
+    first = runs[0][0]
     head = (f"benchmark|run|accuracy % [95% CI]|paired n|right only in {first}|right only in this run|McNemar p "
             f"against {first}")
     return table(head, rows) + ('<p class="note">McNemar: exact two-sided binomial test on the questions where '
