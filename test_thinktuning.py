@@ -1226,7 +1226,7 @@ def test_load_model_trainable_has_no_dropout(tok, tmp_path):
                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None)
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
-    args = type("A", (), {"dtype": "float32", "device": "cpu", "no_grad_ckpt": True})()
+    args = type("A", (), {"dtype": "float32", "device": "cpu", "grad_ckpt": False})()
     p, r = [[0, 3, 9, 1, 0, 4]], [[20, 21, 22, 23, 1]]
     raw = AutoModelForCausalLM.from_pretrained(tmp_path).train()  # as saved: dropout active in train mode
     assert not torch.equal(tt.response_logprobs(raw, p, r, 1.0), tt.response_logprobs(raw, p, r, 1.0))
@@ -1470,6 +1470,23 @@ def test_kv_cache_bytes_for_real_shapes():
     assert tt.kv_cache_bytes(qwen, 64, 1280, 2) == 28_672 * 64 * 1280 == 2_348_810_240
 
 
+def test_activation_bytes_for_real_shapes():
+    # Qwen2.5-1.5B (h 1536, I 8960, 28 layers), bf16, one micro-batch of 16 rows x 1,280 tokens = 20,480 tokens.
+    # A layer keeps 12 h + 3 I = 18,432 + 26,880 = 45,312 values per token: 90,624 bytes.
+    from transformers import Qwen2Config
+    qwen = Qwen2Config(hidden_size=1536, intermediate_size=8960, num_attention_heads=12, num_key_value_heads=2,
+                       num_hidden_layers=28)
+    # without checkpointing every layer keeps them: 28 x 90,624 x 20,480 = 51.97 GB, which with the 24.7 GB of
+    # weights, master weights, moments and gradients is more than an 80 GB H100 holds (measured: out of memory)
+    assert tt.activation_bytes(qwen, 20_480, 2, checkpointed=False) == 28 * 90_624 * 20_480 == 51_967_426_560
+    # with it, each layer's input (28 x 1536 x 2 bytes per token) plus one layer being recomputed
+    assert tt.activation_bytes(qwen, 20_480, 2, checkpointed=True) == (86_016 + 90_624) * 20_480 == 3_617_587_200
+    # a forward without gradient (prefill, old log-probs): 4 h + 3 I = 33,024 values per token
+    assert tt.forward_bytes(qwen, 64 * 768, 2) == 66_048 * 64 * 768
+    from transformers import GPT2Config
+    assert tt.forward_bytes(GPT2Config(n_embd=64), 10, 4) == (4 * 64 + 3 * 256) * 4 * 10  # no MLP width set: 4 h
+
+
 @pytest.mark.parametrize("group_size,rows_per_prompt", [(2, 1), (5, 1), (10, 1), (19, 1), (20, 2), (31, 3)])
 def test_teacher_rows_bound_the_guided_rollouts(group_size, rows_per_prompt):
     args = type("A", (), {"prompts_per_step": 7, "group_size": group_size})()
@@ -1586,21 +1603,32 @@ def test_end_to_end_start_up_refuses_when_the_disk_cannot_hold_a_checkpoint(mode
 
 
 def test_print_plan_memory_estimate_and_gpu_warning_by_hand(tok, tmp_path, monkeypatch, capsys):
-    # tiny fp32 model: 25,056 parameters; K and V take 2 layers x 2 KV heads x 8 dims x 2 x 4 bytes = 256 bytes
-    # per slot. Stays: 25,056 x 12 (weights + AdamW) + 25,056 x 4 (frozen teacher) = 400,896. Comes and goes:
-    # student KV 256 x 8 rows x (64 + 20) = 172,032; teacher KV 256 x 2 rows x (3072 + 1024) = 2,097,152;
-    # gradients 100,224. Peak: 400,896 + 2,097,152 = 2,498,048 bytes; the warning starts above 95% of the GPU.
+    # tiny fp32 model: 25,056 parameters, h 32, I 64, 2 layers; K and V take 2 layers x 2 KV heads x 8 dims x 2 x
+    # 4 bytes = 256 bytes per slot; a forward without gradient keeps 4 h + 3 I = 320 values (1,280 bytes) per token,
+    # a checkpointed backward 2 x 32 + 12 h + 3 I = 640 values (2,560 bytes) per token.
+    # Stays: 25,056 x 12 (weights + AdamW) = 300,672 trained, 25,056 x 4 = 100,224 frozen (the teacher).
+    # Comes and goes (8 rollouts of 64 prompt + 20 new tokens; 4 mini-batches of 2 rows, so a micro-batch of at most
+    # 2 rows although --micro-batch is 8; old log-probs score up to 4 x 8 rows at once; teacher: 2 rows of 3072 + 1024):
     student, teacher = make_model(tok), make_model(tok)
     args = tt.build_parser().parse_args(["--model", "m", "--prompts-per-step", "2", "--group-size", "4",
                                          "--max-new-tokens", "20", "--out", str(tmp_path)])
-    args.device, args.dtype = "cuda", "float32"  # as on a GPU, without one: only the device's size is asked
+    args.device, args.dtype, args.grad_ckpt = "cuda", "float32", True  # as on a GPU, without one
     run_ = type("Run", (), {"args": args, "student": student, "teacher": teacher, "ref": None,
                             "optim": tt.MasterAdamW(student, 1e-6, 0.0), "student_how": tt.Sampling([1], 1, 20, batch=8)})()
-    for total, warned in ((2_629_525, False), (2_629_524, True)):  # 2,498,048 / 0.95 = 2,629,524.2
+    trained, frozen, phases = tt.memory_estimate(run_, prompt_width=64)
+    assert (trained, frozen) == (300_672, 100_224)
+    assert phases == {"student sampling": 256 * 8 * 84 + 1280 * 8 * 64,  # KV cache + prefill: 827,392
+                      "old log-probs": 1280 * 8 * 84,  # 860,160
+                      "update": 25_056 * 4 + 2560 * 2 * 84,  # gradients + activations: 530,304
+                      "teacher sampling": 256 * 2 * 4096 + 1280 * 2 * 3072}  # 9,961,472
+    # peak: 400,896 + 9,961,472 = 10,362,368 bytes; the warning starts above 95% of the GPU
+    for total, warned in ((10_907_756, False), (10_907_755, True)):  # 10,362,368 / 0.95 = 10,907,755.8
         monkeypatch.setattr(tt.torch.cuda, "get_device_properties",
                             lambda device: type("Props", (), {"total_memory": total})())
         tt.print_plan(run_, 10, 0, prompt_width=64)
         assert ("more than this GPU" in capsys.readouterr().out) == warned
+    args.grad_ckpt = False  # every layer keeps its 12 h + 3 I = 576 values: 2 layers x 2,304 bytes per token
+    assert tt.memory_estimate(run_, 64)[2]["update"] == 25_056 * 4 + 2 * 2304 * 2 * 84
 
 
 def test_end_to_end_kl_penalty_uses_the_frozen_initial_model(model_dirs, train_file, tmp_path):

@@ -701,6 +701,7 @@ def check_args(args):
     if args.dtype == "auto":
         args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
     args.fast = args.device.startswith("cuda") and not args.no_fast  # the compiled sampler pays off on GPUs only
+    args.grad_ckpt = args.device.startswith("cuda") and not args.no_grad_ckpt  # measured: it pays (README, speed)
     return args
 
 
@@ -1299,7 +1300,7 @@ def load_model(name, args, trainable):
             module.p = 0.0
         if isinstance(getattr(module, "attention_dropout", None), float):
             module.attention_dropout = 0.0
-    if args.device.startswith("cuda") and not args.no_grad_ckpt:
+    if args.grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False  # training forwards; the samplers ask for a cache explicitly
     return model
@@ -1729,32 +1730,63 @@ def kv_cache_bytes(cfg, rows, length, itemsize):
     return 2 * cfg.num_hidden_layers * heads * head_dim * itemsize * rows * length
 
 
+def mlp_width(cfg):
+    return getattr(cfg, "intermediate_size", None) or 4 * cfg.hidden_size  # GPT-2 style configs leave it unset
+
+
+def forward_bytes(cfg, tokens, itemsize):
+    """Transient memory of a forward pass without gradient over `tokens` tokens: about 4 h + 3 I values per token
+    (one layer's hidden states, attention and MLP outputs; h the hidden size, I the MLP width)."""
+    return (4 * cfg.hidden_size + 3 * mlp_width(cfg)) * itemsize * tokens
+
+
+def activation_bytes(cfg, tokens, itemsize, checkpointed):
+    """Activations a backward pass over `tokens` tokens needs: about 12 h + 3 I values per token and layer (fitted to
+    a Qwen2.5-1.5B-shaped update on an H100, README). Gradient checkpointing keeps only each layer's input, plus one
+    layer's activations while it is recomputed."""
+    layer = 12 * cfg.hidden_size + 3 * mlp_width(cfg)
+    if checkpointed:
+        return (cfg.num_hidden_layers * cfg.hidden_size + layer) * itemsize * tokens
+    return cfg.num_hidden_layers * layer * itemsize * tokens
+
+
+def memory_estimate(run, prompt_width):
+    """Bytes of one step: (trained: weights, AdamW's moments and fp32 master weights, also the checkpoint's size;
+    frozen: teacher and KL reference; {phase: what comes and goes}). The peak is trained + frozen + the largest
+    phase: each KV cache lives only while its model samples, gradients and activations only in the update."""
+    args, cfg, teacher = run.args, run.student.config, run.teacher
+    size, n_roll, width = run.student.dtype.itemsize, run.student_how.batch, prompt_width + args.max_new_tokens
+    n_params, rows = sum(p.numel() for p in run.optim.params), min(args.micro_batch, n_roll // args.minibatches)
+    frozen = sum(p.numel() * p.element_size() for m in {teacher, run.ref} - {None} for p in m.parameters())
+    phases = {"student sampling": (kv_cache_bytes(cfg, n_roll, width, size)  # + the prefill of every prompt at once
+                                   + forward_bytes(cfg, n_roll * prompt_width, size)),
+              "old log-probs": forward_bytes(cfg, min(n_roll, 4 * args.micro_batch) * width, size),
+              "update": n_params * size + activation_bytes(cfg, rows * width, size, args.grad_ckpt)}
+    if teacher is not None:
+        t_cfg, t_size, rows, t_prompt = (teacher.config, teacher.dtype.itemsize, teacher_rows(args),
+                                         args.teacher_max_prompt_len)
+        phases["teacher sampling"] = (kv_cache_bytes(t_cfg, rows, t_prompt + args.teacher_max_new_tokens, t_size)
+                                      + forward_bytes(t_cfg, rows * t_prompt, t_size))
+    return n_params * (size + 8 + 4 * run.optim.separate()), frozen, phases
+
+
 def print_plan(run, n_problems, skipped, prompt_width):
     """What a step does and what it costs: rollouts and tokens per step, a memory estimate, checkpoint size."""
-    args, student, teacher = run.args, run.student, run.teacher
-    n_roll = run.student_how.batch  # rollouts per step
+    args, n_roll = run.args, run.student_how.batch
     n_params = sum(p.numel() for p in run.optim.params)
-    method = "ThinkTuning" if teacher is not None else "ThinkTuning (guidance over)"
+    method = "ThinkTuning" if run.teacher is not None else "ThinkTuning (guidance over)"
     print(f"{'vanilla GRPO' if args.no_teacher else method}: {n_problems} questions"
           f"{f' ({skipped} with prompts over --max-prompt-len skipped)' if skipped else ''}, "
           f"{args.prompts_per_step} x {args.group_size} = {n_roll} rollouts per step, up to "
           f"{n_roll * (prompt_width + args.max_new_tokens):,} tokens per step, "
           f"{args.minibatches} optimizer steps of {n_roll // args.minibatches} rollouts")
-    # memory: what stays (weights, fp32 master weights, AdamW's two moments, frozen models) plus the largest of
-    # what comes and goes (each KV cache lives only while its model samples; gradients only in the update)
-    size, separate = student.dtype.itemsize, run.optim.separate()
-    frozen = sum(p.numel() * p.element_size() for m in {teacher, run.ref} - {None} for p in m.parameters())
-    trained = n_params * (size + 8 + 4 * separate)  # also the size of a checkpoint on disk
-    student_kv = kv_cache_bytes(student.config, n_roll, prompt_width + args.max_new_tokens, size)
-    teacher_kv = (kv_cache_bytes(teacher.config, teacher_rows(args), args.teacher_max_prompt_len
-                                 + args.teacher_max_new_tokens, teacher.dtype.itemsize) if teacher else 0)
-    peak = trained + frozen + max(student_kv, teacher_kv, n_params * size)
-    masters = ", fp32 master weights" if separate else ""
+    trained, frozen, phases = memory_estimate(run, prompt_width)
+    peak = trained + frozen + max(phases.values())
+    masters = ", fp32 master weights" if run.optim.separate() else ""
     print(f"student {n_params / 1e6:.0f}M parameters, {args.dtype} on {args.device}; memory estimate: "
           f"{(trained + frozen) / 1e9:.1f} GB always (weights{masters}, AdamW state, {frozen / 1e9:.1f} GB frozen "
-          f"teacher/reference), plus the largest of {student_kv / 1e9:.1f} GB student KV cache, "
-          f"{teacher_kv / 1e9:.1f} GB teacher KV cache, {n_params * size / 1e9:.1f} GB gradients "
-          f"(+ activations): about {peak / 1e9:.0f} GB at the peak")
+          f"teacher/reference), plus the largest of " + ", ".join(f"{b / 1e9:.1f} GB {k}" for k, b in phases.items())
+          + f" (gradient checkpointing {'on' if args.grad_ckpt else 'off'}): about {peak / 1e9:.0f} GB at the peak")
     free = shutil.disk_usage(args.out).free
     print(f"checkpoints: about {trained / 1e9:.1f} GB each (model, AdamW state{masters}; a save writes the new "
           f"one before deleting the old), {free / 1e9:.0f} GB free in {args.out}")
