@@ -1496,27 +1496,31 @@ def test_teacher_rows_bound_the_guided_rollouts(group_size, rows_per_prompt):
     assert len(tt.select_for_guidance([True] * 7 * group_size, group_size, 0.1, rng)) == 7 * rows_per_prompt
 
 
-def test_master_adamw_chunked_step_matches_plain_adamw(tok):
-    # bf16 model with fp32 master weights, stepped in small chunks, against AdamW + clip_grad_norm_ on fp32
-    model = make_model(tok, seed=5).to(torch.bfloat16)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_master_adamw_chunked_step_matches_plain_adamw(tok, dtype):
+    # stepped in small chunks, two optimizer steps, against clip_grad_norm_ + AdamW on fp32 copies. bf16: fp32
+    # master copies; float32 (the CPU): the weights are their own masters, so while one chunk steps no weight of
+    # another chunk may hold a gradient (AdamW would step it too, unclipped, once per chunk)
+    model = make_model(tok, seed=5).to(dtype)
     params = list(model.parameters())
-    g = torch.Generator().manual_seed(0)
-    for p in params:
-        p.grad = (torch.randn(p.shape, generator=g) * 0.05).to(torch.bfloat16)
     ref = [p.detach().float().clone().requires_grad_() for p in params]
-    for r, p in zip(ref, params):
-        r.grad = p.grad.float()
-    ref_norm = torch.nn.utils.clip_grad_norm_(ref, 1.0)
-    assert ref_norm > 1.5  # the clip is active
     ref_opt = torch.optim.AdamW(ref, lr=1e-3, weight_decay=0.01)
-    ref_opt.step()
     optim = tt.MasterAdamW(model, 1e-3, 0.01)
     ps, master = optim.params, optim.master
-    assert optim.separate() and master[0].dtype == torch.float32
-    norm, ok = optim.step(1.0, chunk=3000)  # many chunks
-    assert ok and norm == pytest.approx(ref_norm.item(), rel=1e-5)
-    for r, m, p in zip(ref, master, ps):
-        assert torch.allclose(r, m, atol=1e-7) and torch.equal(p, m.to(torch.bfloat16)) and p.grad is None
+    assert optim.separate() == (dtype == torch.bfloat16) and master[0].dtype == torch.float32
+    g = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        for p, r in zip(params, ref):
+            p.grad = (torch.randn(p.shape, generator=g) * 0.05).to(dtype)
+            r.grad = p.grad.float().clone()  # a copy: the clip below scales it in place
+        ref_norm = torch.nn.utils.clip_grad_norm_(ref, 1.0)
+        assert ref_norm > 1.5  # the clip is active
+        ref_opt.step()
+        norm, ok = optim.step(1.0, chunk=3000)  # many chunks
+        assert ok and norm == pytest.approx(ref_norm.item(), rel=1e-5)
+        for r, m, p in zip(ref, master, ps):
+            assert torch.allclose(r, m, atol=1e-7) and torch.equal(p, m.to(dtype)) and p.grad is None
+    assert {int(st["step"]) for st in optim.opt.state.values()} == {2}  # every weight stepped exactly twice
 
 
 def test_generate_stops_at_eos_with_bigram_model(tok):

@@ -1562,26 +1562,27 @@ class MasterAdamW:
         """Clip the gradient norm and step; a non-finite norm skips the step. Returns (norm, stepped).
         Gradients are converted to fp32 and applied ~64M elements at a time, so the fp32 gradients of the whole
         model never exist at once. A weight without a gradient (no row could move it) steps with a zero one."""
-        grads = [p.grad for p in self.params if p.grad is not None]
+        grads = [p.grad for p in self.params]
+        self.zero_grad()  # AdamW steps every weight holding a gradient, and a float32 weight is its own master
+        present = [g for g in grads if g is not None]
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32)
-                                                     for g in grads])) if grads else torch.tensor(0.0)
+                                                     for g in present])) if present else torch.tensor(0.0)
         ok, scale = bool(torch.isfinite(norm)), (grad_clip / (norm + 1e-6)).clamp(max=1.0)  # as clip_grad_norm_
-        pairs = list(zip(self.params, self.master))
-        while ok and pairs:
+        todo = list(zip(self.params, self.master, grads))
+        del grads, present  # each chunk's gradients are freed once it has stepped
+        while ok and todo:
             size, part = 0, []
-            while pairs and (not part or size + pairs[0][0].numel() <= chunk):
-                part.append(pairs.pop(0))
+            while todo and (not part or size + todo[0][0].numel() <= chunk):
+                part.append(todo.pop(0))
                 size += part[-1][0].numel()
-            for p, m in part:
-                g = p.grad.float().mul_(scale) if p.grad is not None else torch.zeros_like(m)
-                p.grad, m.grad = None, g  # in this order: m may be p itself
+            for p, m, g in part:  # only this chunk's weights hold a gradient while AdamW steps
+                m.grad = g.float().mul_(scale) if g is not None else torch.zeros_like(m)
             self.opt.step()
             with torch.no_grad():
-                for p, m in part:
+                for p, m, _ in part:
                     m.grad = None
                     if m is not p:
                         p.copy_(m)
-        self.zero_grad()
         return float(norm), ok
 
     def state_dict(self):
