@@ -1786,12 +1786,21 @@ def test_to_problems_checks_every_row(tmp_path, capsys):
     # AIME files hold both 'question' and 'problem', and plain answers: not GSM8K style, nothing skipped
     aime = [{"question": "q1", "problem": "q1", "answer": "204"}, {"question": "q2", "problem": "q2", "answer": 25}]
     assert [p["gold"] for p in tt.to_problems(aime, "aime")] == ["204", "25"]
+    zero = [{"problem": "What is 3 - 3?", "answer": 0}, {"problem": "What is 3 - 1?", "answer": 2}]
+    assert [p["gold"] for p in tt.to_problems(zero, "ints")] == ["0", "2"]  # an integer 0 is a gold answer
 
 
-def test_eval_label_lines_up_with_the_paper_and_never_collides():
-    assert tt.eval_label("math500", {}) == "math500"
-    assert tt.eval_label("data/gsm8k_test.jsonl", {}) == "gsm8k" and tt.eval_label("x/mini.jsonl", {}) == "mini"
-    assert tt.eval_label("b/mini.jsonl", {"mini": 1}) == "b/mini.jsonl"
+def test_eval_labels_line_up_with_the_paper_and_never_collide():
+    assert tt.eval_labels(["math500"]) == {"math500": "math500"}
+    assert tt.eval_labels(["data/gsm8k_test.jsonl", "x/mini.jsonl"]) == {"data/gsm8k_test.jsonl": "gsm8k",
+                                                                         "x/mini.jsonl": "mini"}
+    assert tt.eval_labels(["a/mini.jsonl", "b/mini.jsonl"]) == {"a/mini.jsonl": "mini", "b/mini.jsonl": "b/mini.jsonl"}
+    # a file named after a benchmark evaluated beside it keeps its path, whatever the order (it used to take the
+    # label, and the benchmark then replaced it: the file was never evaluated)
+    labels = tt.eval_labels(["data/math500_sample.jsonl", "math500"])
+    assert labels == {"data/math500_sample.jsonl": "data/math500_sample.jsonl", "math500": "math500"}
+    assert list(labels) == ["data/math500_sample.jsonl", "math500"]  # rows in the order asked for
+    assert tt.eval_labels(["gsm8k", "gsm8k"]) == {"gsm8k": "gsm8k"}
 
 
 def test_end_to_end_resume_eval_evaluates_the_checkpoint(trained, model_dirs, train_file, tmp_path, capsys):
@@ -1825,14 +1834,17 @@ def test_end_to_end_folder_without_a_checkpoint_can_be_reused(model_dirs, train_
     assert len(read_jsonl(out / "metrics.jsonl")) == 1 and (out / "ckpt").exists()
 
 
-def test_end_to_end_failed_save_keeps_the_previous_checkpoint(trained, tmp_path, capsys, monkeypatch):
+# a full disk as the OS reports it, and as torch.save (and safetensors) report it: not an OSError
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"),
+                                   RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")])
+def test_end_to_end_failed_save_keeps_the_previous_checkpoint(trained, tmp_path, capsys, monkeypatch, error):
     out = copy_run(trained, tmp_path)
     before = weights(out / "ckpt")
     real_save = tt.torch.save
 
     def full_disk(obj, path, *a, **k):
         if str(path).endswith("trainer_state.pt"):
-            raise OSError(28, "No space left on device")
+            raise error
         return real_save(obj, path, *a, **k)
 
     monkeypatch.setattr(tt.torch, "save", full_disk)
@@ -2251,6 +2263,19 @@ def test_load_benchmark_unknown_name_lists_the_names(capsys):
     assert run(["--model", "x", "--eval", "gsm8", "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip()
     assert "unknown benchmark 'gsm8'" in err and "math500" in err and len(err.splitlines()) == 1
+
+
+def test_load_benchmark_reads_a_hub_dataset_from_its_test_split(monkeypatch):
+    import datasets
+    row = lambda q: {"question": q, "answer": f"#### {len(q)}"}  # noqa: E731
+    hub = {"org/two": {"train": [row("t")], "test": [row("held out")]}, "org/lone": {"train": [row("only")]},
+           "org/odd": {"train": [row("t")], "validation": [row("v")]}}
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, config=None: hub[name])
+    assert [p["question"] for p in tt.load_problems("org/two")] == ["t"]  # training data: the train split
+    assert [p["question"] for p in tt.load_benchmark("org/two")] == ["held out"]  # evaluation: never train
+    assert [p["question"] for p in tt.load_benchmark("org/lone")] == ["only"]  # a lone split is the data
+    with pytest.raises(tt.UserError, match="has no 'test' split \\(it has train, validation\\)"):
+        tt.load_benchmark("org/odd")
 
 
 def test_load_benchmark_gpqa_unreachable_says_how_to_get_it():

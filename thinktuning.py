@@ -1181,10 +1181,13 @@ def _read_table(spec, split, config=None):
     if spec.endswith((".jsonl", ".json", ".parquet")) or spec.startswith((".", "/")):
         raise UserError(f"{spec}: no such file")
     try:
-        return list(datasets.load_dataset(spec, config, split=split))
+        splits = datasets.load_dataset(spec, config)
     except Exception as e:
         raise UserError(f"could not load the Hub dataset {spec!r} ({first_line(e)}); check the name and your "
                         f"network, or pass a local .jsonl file")
+    if split not in splits and len(splits) != 1:
+        raise UserError(f"the Hub dataset {spec!r} has no {split!r} split (it has {', '.join(splits)})")
+    return list(splits[split] if split in splits else next(iter(splits.values())))  # a lone split is the data
 
 
 def gpqa_item(row):
@@ -1212,9 +1215,10 @@ def to_problems(rows, name):
                         f"'Correct Answer', 'Incorrect Answer 1-3'); found {sorted(keys)}")
     # every row: a question, and a gold answer that can match: in a GSM8K-style file (worked solutions ending in
     # '#### N') the part after '####', elsewhere a short final answer
-    gsm8k = any("####" in str(r.get("answer")) for r in rows)
-    ok = [r for r in rows if str(r.get(qkey) or "").strip() and str(r.get("answer") or "").strip()
-          and ("####" in str(r["answer"]) if gsm8k else len(str(r["answer"])) <= MAX_ANSWER_CHARS)]
+    text = lambda v: "" if v is None else str(v).strip()  # noqa: E731 (an integer answer 0 is "0", not missing)
+    gsm8k = any("####" in text(r.get("answer")) for r in rows)
+    ok = [r for r in rows if text(r.get(qkey)) and text(r.get("answer"))
+          and ("####" in text(r["answer"]) if gsm8k else len(text(r["answer"])) <= MAX_ANSWER_CHARS)]
     if not ok:
         raise UserError(f"{name}: no row has a usable answer (GSM8K style: a solution ending in '#### N'; "
                         f"otherwise the final answer itself)")
@@ -1909,7 +1913,8 @@ def save_checkpoint(out, model, tok, state):
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         torch.save(state, os.path.join(tmp, "trainer_state.pt"))
-    except OSError as e:  # a full disk, say: the last checkpoint stays, and the folder can be resumed from it
+    except Exception as e:  # a full disk, say (torch and safetensors raise their own errors): the last checkpoint
+        # stays, and the folder can be resumed from it
         shutil.rmtree(tmp, ignore_errors=True)
         kept = "the previous checkpoint is intact" if os.path.exists(final) else "no checkpoint was written yet"
         raise UserError(f"could not save a checkpoint in {out} ({first_line(e)}); {kept}: free some space and "
@@ -1965,7 +1970,9 @@ def load_benchmark(name, limit=None):
     if name not in BENCHMARKS and not os.path.exists(name) and "/" not in name:
         raise UserError(f"unknown benchmark {name!r}: use {', '.join(BENCHMARKS)}, a Hub dataset or a local file")
     try:
-        items = to_problems(_read_table(*BENCHMARKS[name]), name) if name in BENCHMARKS else load_problems(name)
+        # a Hub dataset named here is read from its test split (from its only split when it has one)
+        items = (to_problems(_read_table(*BENCHMARKS[name]), name) if name in BENCHMARKS
+                 else load_problems(name, split="test"))
     except UserError:
         if name == "gpqa":
             raise UserError("could not load GPQA-Diamond from the Hub: it is gated (accept its terms on the page of "
@@ -2028,14 +2035,16 @@ def markdown(head, rows):
                      + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
 
 
-def eval_label(name, taken):
-    """A benchmark's row label: its name; a local file's base name, or the benchmark it is named after
-    (gsm8k_test.jsonl -> gsm8k, so that it lines up with the paper's rows); the path if the label is taken."""
-    if name in BENCHMARKS:
-        return name
-    base = os.path.splitext(os.path.basename(name))[0]
-    label = next((b for b in BENCHMARKS if base.lower().startswith(b)), base)
-    return name if label in taken else label
+def eval_labels(names):
+    """name -> its row label: a benchmark's name; a local file's base name, or the benchmark it is named after
+    (gsm8k_test.jsonl -> gsm8k, so that it lines up with the paper's rows), or its path when that label is taken.
+    Benchmarks are labelled first, so a file never takes the label of a benchmark evaluated beside it."""
+    labels = {}
+    for name in sorted(dict.fromkeys(names), key=lambda n: n not in BENCHMARKS):
+        base = os.path.splitext(os.path.basename(name))[0]
+        label = name if name in BENCHMARKS else next((b for b in BENCHMARKS if base.lower().startswith(b)), base)
+        labels[name] = name if label in labels.values() else label
+    return {name: labels[name] for name in dict.fromkeys(names)}
 
 
 def run_eval(args):
@@ -2044,9 +2053,8 @@ def run_eval(args):
         args.model = os.path.join(args.resume, "ckpt")
         if not os.path.exists(os.path.join(args.model, "config.json")):
             raise UserError(f"--resume {args.resume} --eval: no checkpoint at {args.model} to evaluate")
-    sets = {}
-    for n in [n.strip() for n in args.eval.split(",") if n.strip()]:
-        sets[eval_label(n, sets)] = load_benchmark(n, args.eval_limit)
+    labels = eval_labels([n.strip() for n in args.eval.split(",") if n.strip()])
+    sets = {label: load_benchmark(name, args.eval_limit) for name, label in labels.items()}
     writable_folder(args.out)
     tok = load_tokenizer(args.model)
     model = load_model(args.model, args, trainable=False)
