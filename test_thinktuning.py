@@ -1752,7 +1752,8 @@ def test_end_to_end_non_finite_loss_skips_the_update(model_dirs, train_file, tmp
     monkeypatch.setattr(tt, "moves_weights", lambda rollout, args: True)  # compute every row, also A = 0
     out = tmp_path / "nan"
     assert run(base_args(model_dirs["random"], train_file, out, "--no-teacher", "--steps", 1)) == 0
-    assert read_jsonl(out / "metrics.jsonl")[0]["skipped_updates"] == 2
+    row = read_jsonl(out / "metrics.jsonl")[0]
+    assert row["skipped_updates"] == 2 and row["loss"] is None and row["grad_norm"] is None  # no step: no value
     assert torch.equal(weights(out / "ckpt"), weights(model_dirs["random"]))
 
 
@@ -2213,6 +2214,27 @@ def _wilson(k, n, z=1.96):  # written out here from the textbook formula, indepe
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
     return 100 * (centre - half), 100 * (centre + half)
+
+
+def test_resume_args_another_device_chooses_its_dtype_again(tmp_path):
+    parser = tt.build_parser()
+    saved = vars(parser.parse_args(["--model", "m"]))
+    (tmp_path / "args.json").write_text(json.dumps({**saved, "device": "cuda", "dtype": "bfloat16", "lr": 3e-6}))
+    args = tt.check_args(tt.resume_args(parser, ["--resume", str(tmp_path), "--device", "cpu"]))
+    assert (args.device, args.dtype, args.lr) == ("cpu", "float32", 3e-6)  # not bf16 on the CPU; the rest kept
+    args = tt.resume_args(parser, ["--resume", str(tmp_path), "--device", "cpu", "--dtype", "bfloat16"])
+    assert args.dtype == "bfloat16"  # asked for
+    assert tt.resume_args(parser, ["--resume", str(tmp_path)]).dtype == "bfloat16"  # same device: as saved
+
+
+def test_read_runs_same_names_keep_one_column_each(tmp_path):
+    a, b = tmp_path / "x" / "run", tmp_path / "run"
+    for folder, acc in ((a, 30.0), (b, 70.0)):
+        folder.mkdir(parents=True)
+        (folder / "eval.json").write_text(json.dumps({"results": {"gsm8k": {"accuracy": acc, "n": 10}}}))
+    runs = tt.read_runs([str(a), str(b), str(b) + "/"])  # the same base name twice, and one folder repeated
+    assert {name: res["gsm8k"]["accuracy"] for name, (res, _, _) in runs.items()} == {str(a): 30.0, str(b): 70.0}
+    assert list(tt.read_runs([str(a), str(tmp_path)], strict=False)) == ["run", tmp_path.name]  # distinct: base names
 
 
 def test_compare_runs_table(tmp_path, capsys):

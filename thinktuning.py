@@ -526,12 +526,13 @@ def update(model, rollouts, optim, args, rng):
             skipped += 1
             continue
         norm, ok = optim.step(args.grad_clip)  # also when no row could move the weights: weight decay applies
-        norms.append(norm)
-        losses.append(loss_sum)
         skipped += not ok
+        if ok:  # loss and gradient norm describe the mini-batches that stepped
+            norms.append(norm)
+            losses.append(loss_sum)
     model.eval()
     mean = lambda key: nanmean([s[key] for s in stats if key in s])  # noqa: E731
-    return {"loss": sum(losses) / args.minibatches, "grad_norm": nanmean(norms), "skipped_updates": skipped,
+    return {"loss": nanmean(losses), "grad_norm": nanmean(norms), "skipped_updates": skipped,
             "clip_frac": mean("clip_frac"), "dual_clip_frac": mean("dual_clip_frac"),
             "aas_weight": mean("aas_weight"), "aas_tokens": aas_idle + sum(s["aas_tokens"] for s in stats),
             **({"kl": mean("kl")} if args.kl_beta > 0 else {})}
@@ -1951,6 +1952,8 @@ def resume_args(parser, argv):
         raise UserError(f"--resume {args.resume} continues in that folder; --out {args.out} cannot move it "
                         f"(copy the folder, then --resume the copy)")
     merged["out"], merged["resume"] = args.resume, args.resume
+    if "device" in given and "dtype" not in given:  # the saved dtype was chosen for the saved device
+        merged["dtype"] = "auto"
     return argparse.Namespace(**{**vars(args), **merged})
 
 
@@ -2102,11 +2105,11 @@ def mcnemar_exact(b, c):
 
 
 def paired_test(samples_a, samples_b, benchmark):
-    """(n_paired, b, c, p) on one benchmark's greedy answers (sample 0) of two runs, paired by question index;
-    b = A right and B wrong, c = A wrong and B right."""
-    def greedy(rows): return {r.get("index"): bool(r.get("correct")) for r in rows
-                              if r.get("benchmark") == benchmark and r.get("sample", 0) == 0}
-    a, bb = greedy(samples_a), greedy(samples_b)
+    """(n_paired, b, c, p) on one benchmark's first answer per question (sample 0: the greedy one with the default
+    --eval-samples 1) of two runs, paired by question index; b = A right and B wrong, c = A wrong and B right."""
+    def first(rows): return {r.get("index"): bool(r.get("correct")) for r in rows
+                             if r.get("benchmark") == benchmark and r.get("sample", 0) == 0}
+    a, bb = first(samples_a), first(samples_b)
     both = a.keys() & bb.keys()
     b, c = sum(a[i] and not bb[i] for i in both), sum(bb[i] and not a[i] for i in both)
     return len(both), b, c, mcnemar_exact(b, c)
@@ -2123,9 +2126,12 @@ def acc_cell(r):
 def read_runs(folders, strict=True):
     """name -> (results, eval_samples rows, eval.json) per run folder. A folder without an eval.json written by
     --eval is an error when strict (--compare), a run without results otherwise (the report page)."""
+    folders = list(dict.fromkeys(os.path.normpath(f) for f in folders))
+    names = [os.path.basename(f) for f in folders]
+    names = names if len(set(names)) == len(names) else folders  # x/run and run: one column each
     runs = {}
-    for folder in folders:
-        ev, name = read_json(os.path.join(folder, "eval.json")), os.path.basename(os.path.normpath(folder))
+    for folder, name in zip(folders, names):
+        ev = read_json(os.path.join(folder, "eval.json"))
         results = ev.get("results")
         if not isinstance(results, dict) or not all(isinstance(r, dict) and num(r.get("accuracy")) is not None
                                                     for r in results.values()):
@@ -2133,7 +2139,7 @@ def read_runs(folders, strict=True):
                 raise UserError(f"{os.path.join(folder, 'eval.json')}: missing, or not an eval.json written by --eval "
                                 f"(run --eval with --out {folder} first)")
             results = {}
-        runs[folder if name in runs else name] = (results, read_jsonl(os.path.join(folder, "eval_samples.jsonl")), ev)
+        runs[name] = (results, read_jsonl(os.path.join(folder, "eval_samples.jsonl")), ev)
     return runs
 
 
@@ -2259,7 +2265,7 @@ def eval_section(ev):
 
 
 def compare_section(folders):
-    """Each run's accuracy and interval per benchmark, and the exact McNemar p of its greedy answers against
+    """Each run's accuracy and interval per benchmark, and the exact McNemar p of its first answers against
     the first run's on the same questions."""
     runs = list(read_runs(folders, strict=False).items())
     rows = []
@@ -2272,7 +2278,8 @@ def compare_section(folders):
     head = (f"benchmark|run|accuracy % [95% CI]|paired n|right only in {first}|right only in this run|McNemar p "
             f"against {first}")
     return table(head, rows) + ('<p class="note">McNemar: exact two-sided binomial test on the questions where '
-                                "the two runs' greedy answers disagree; p &lt; 0.05 suggests a real difference.</p>")
+                                "the two runs' first answers (greedy with --eval-samples 1) disagree; p &lt; 0.05 "
+                                "suggests a real difference.</p>")
 
 
 def weight_style(w):
