@@ -1769,10 +1769,10 @@ def memory_estimate(run, prompt_width):
               "old log-probs": forward_bytes(cfg, min(n_roll, 4 * args.micro_batch) * width, size),
               "update": n_params * size + activation_bytes(cfg, rows * width, size, args.grad_ckpt)}
     if teacher is not None:
-        t_cfg, t_size, rows, t_prompt = (teacher.config, teacher.dtype.itemsize, teacher_rows(args),
-                                         args.teacher_max_prompt_len)
-        phases["teacher sampling"] = (kv_cache_bytes(t_cfg, rows, t_prompt + args.teacher_max_new_tokens, t_size)
-                                      + forward_bytes(t_cfg, rows * t_prompt, t_size))
+        t_cfg, t_size, t_rows, t_prompt = (teacher.config, teacher.dtype.itemsize, teacher_rows(args),
+                                           args.teacher_max_prompt_len)
+        phases["teacher sampling"] = (kv_cache_bytes(t_cfg, t_rows, t_prompt + args.teacher_max_new_tokens, t_size)
+                                      + forward_bytes(t_cfg, t_rows * t_prompt, t_size))
     return n_params * (size + 8 + 4 * run.optim.separate()), frozen, phases
 
 
@@ -1914,9 +1914,8 @@ def save_checkpoint(out, model, tok, state):
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         torch.save(state, os.path.join(tmp, "trainer_state.pt"))
-    except Exception as e:  # a full disk, say (torch and safetensors raise their own errors): the last checkpoint
-        # stays, and the folder can be resumed from it
-        shutil.rmtree(tmp, ignore_errors=True)
+    except Exception as e:  # a full disk, say (torch and safetensors raise their own errors, not OSError)
+        shutil.rmtree(tmp, ignore_errors=True)  # the last checkpoint stays: the folder can be resumed from it
         kept = "the previous checkpoint is intact" if os.path.exists(final) else "no checkpoint was written yet"
         raise UserError(f"could not save a checkpoint in {out} ({first_line(e)}); {kept}: free some space and "
                         f"continue with --resume {out}")
