@@ -656,6 +656,13 @@ def test_grade_units_on_both_sides():
     assert not tt.grade("The answer is 3 dozen.", "3")
     assert not tt.grade("The answer is 2 thirds.", "2")
     assert tt.grade("The answer is 31 marbles.", "31")
+    # a count noun after the result of a sum, as a small model learns to write it (these were graded wrong)
+    assert tt.grade("There are 3 birds and 5 more land.\nThe answer is 3 + 5 = 8 birds.", "8")
+    assert tt.grade("The answer is 6 + 5 = 11 birds on the tree now.", "11")
+    assert tt.grade("So the final answer: 1 apples + 7 apples = 8 apples", "8")
+    assert not tt.grade("The answer is 6 + 5 = 11 birds on the tree now.", "6")
+    assert not tt.grade("The answer is 2 + 3 = 5 dozen.", "5") and not tt.grade("The answer is 2 x 2 = 4 m.", "4")
+    assert not tt.grade("The answer is 2 and three.", "2") and not tt.grade("The answer is x = 2 and three", "2")
 
 
 def test_normalize_answer_units():

@@ -830,11 +830,18 @@ def _phrase_answer(text, phrase=None):
     if not answer or _HEDGE.search(answer) or _RETRACTION.search(answer):
         return None
     parts = re.split(r"\s(?:is|are|was|equals)\s", answer)
-    answer = parts[-1].strip() if len(parts) == 2 else answer
-    noun = re.fullmatch(r"(\$?-?\d[\d,.]*)\s+([A-Za-z][A-Za-z ]*)", answer)
-    if noun and all(len(w) > 2 and not _SCALE.fullmatch(w) for w in noun.group(2).lower().split()):
-        answer = noun.group(1)
+    answer = _count_noun_dropped(parts[-1].strip() if len(parts) == 2 else answer)
     return None if _taken_back(text, stop, answer) else answer
+
+
+def _count_noun_dropped(answer):
+    """"18 eggs", "8 birds on the tree" -> the number: a count noun (3 letters or more) does not change its value.
+    A scale or joining word does, so "5 dozen", "7 hundred", "2 and three", "4 m" stay as they are."""
+    noun = re.fullmatch(r"(\$?-?\d[\d,.]*)\s+([A-Za-z][A-Za-z ]*)", answer.strip())
+    words = noun.group(2).lower().split() if noun else []
+    if words and len(words[0]) > 2 and not any(_SCALE.fullmatch(w) or w in ("and", "or", "but") for w in words):
+        return noun.group(1)
+    return answer
 
 
 def _final_sentence_answer(text):
@@ -1119,8 +1126,9 @@ def answers_match(pred, gold):
         p = normalize_answer(pred)
         m = re.match(r"(?:option|choice)?(?:\(([a-j])\)|([a-j])(?:[.:)]|$))", p)
         return bool(m) and g in m.groups() and not re.search(r"\([a-j]\)|^[a-j](?:[.:)]|$)", p[m.end():])  # not 2
-    if "=" in pred and "=" not in gold and not _RELATION.search(pred):  # "2+3=5 cents": the right side
+    if "=" in pred and "=" not in gold and not _RELATION.search(pred):  # "2+3=5 birds": the right side
         left, pred = pred.rsplit("=", 1)
+        pred = _count_noun_dropped(pred)
         if normalize_answer(pred) == "0" and re.search("[a-z].", normalize_answer(left)):
             return False  # "5x-7y+4=0" is an equation, not the value 0
     p = normalize_answer(pred)
