@@ -665,6 +665,31 @@ def test_grade_units_on_both_sides():
     assert not tt.grade("The answer is 2 and three.", "2") and not tt.grade("The answer is x = 2 and three", "2")
 
 
+@pytest.mark.parametrize("response,gold,expected", [
+    # an explanation after the answer is not the answer (a false positive for 24 and 3 before)
+    ("The answer is 30, since 5 * 7 = 35.", "35", False), ("The answer is 30, since 5 * 7 = 35.", "30", True),
+    ("The answer is 14 pencils, which is 2 pencils per box.", "2", False),
+    ("The answer is 14 pencils, which is 2 pencils per box.", "14", True),
+    ("The answer is 25 cookies, which is 5 more than 20.", "25", True),
+    ("The answer is 25 (because 17 + 8 = 25).", "25", True), ("The answer is 9 (marbles).", "9", True),
+    ("The answer is 9 (or 10).", "9", False),  # a hedge in brackets still refuses
+    ("The answer is 30, not 35.", "30", True), ("The answer is 30, not 35.", "35", False),
+    ("The smallest $n$ is 14, which is even.", "14", True),
+    ("The answer is x = 4, y = 9.", "9", False),  # a list of values, not the value of its last equation
+    # a sign before a currency symbol, and a markdown bullet that is no sign
+    ("So the account ends at -$12.", "12", False), ("So the account ends at -$12.", "-12", True),
+    ("The answer is:\n- 21 dollars", "21", True), ("The answer is:\n- 21 dollars", "-21", False),
+    # a comment after the answer is not a later answer
+    ("The answer is 16.\nThe answer is correct.", "16", True), ("#### 16\nMy answer is verified.", "16", True),
+    # a count noun inside a box or math: the number; a scale word still is not
+    ("\\boxed{16 \\text{ eggs}}", "16", True), ("\\boxed{6 apples}", "6", True),
+    ("The answer is $9\\text{ birds}$.", "9", True), ("\\boxed{9 \\text{ hundred}}", "9", False),
+    ("The answer is 3 pairs.", "3", False),
+])
+def test_grade_explanations_comments_and_count_nouns(response, gold, expected):
+    assert tt.grade(response, gold) is expected
+
+
 def test_normalize_answer_units():
     assert tt.normalize_answer("12 \\text{ inches}") == "12"
     assert tt.normalize_answer("7y") == "7y"

@@ -751,7 +751,7 @@ _RETRACTION = re.compile(r"\b(?:(?:that|this|it|my answer|our answer|the answer|
                          r"(?:wrong|incorrect|not right|not correct)|made (?:a|an) (?:mistake|error)|my mistake|"
                          r"miscalculated|scratch that|on second thought|wait, no|no, wait|start over|"
                          r"or (?:maybe|perhaps|possibly)|(?<=[.!?] )or \$?-?\d)\b", re.IGNORECASE)  # hedges too
-_NUMBER = re.compile(r"(?<![A-Za-z\d.,])-?(?:\d{1,3}(?:,\d{3})+(?!\d)(?!,\d)|\d+)(?:\.\d+)?(?:/\d+)?"
+_NUMBER = re.compile(r"(?<![A-Za-z\d.,])(?:-\$?)?(?:\d{1,3}(?:,\d{3})+(?!\d)(?!,\d)|\d+)(?:\.\d+)?(?:/\d+)?"
                      r"|(?<![A-Za-z\d])-?\.\d+")
 _HEDGE = re.compile(r"\d(?:\s*[)}])?\s*(?:or|and/or)\s+\$?\\?\(?-?\d", re.IGNORECASE)  # one \s* run per digit
 # A final sentence that stops on one of these was cut off mid-thought (a truncated output).
@@ -764,13 +764,19 @@ _NONCOMMITTAL = re.compile(_RELATION.pattern + r"|\?|\b(?:not|never|cannot|can't
 _EXPONENT = re.compile(r"[\^_](?:\{[^{}]*\}|-?\d+)")  # x^{-2}, 10^3, a_1: not answers
 # Words that change a number's value, so "5 dozen" is never 5 (a count noun such as "5 apples" is 5).
 _SCALE = re.compile(r"(?:hundred|thousand|million|billion|trillion|dozen|score|gross|half|halve|third|quarter|\w*th|"
-                    r"time|squared|cubed|factorial|root|sqrt|raised|over|plus|minus|than|divided|power)s?")
+                    r"time|squared|cubed|factorial|root|sqrt|raised|over|plus|minus|than|divided|power|pair|couple)s?")
+# A clause after the answer explains it: "20 cookies, which is 4 more than 16", "20 (since 12 + 8 = 20)".
+_CLAUSE = re.compile(r",\s*(?:which|so|since|because|as|not)\b|\s(?:since|because)\b|\s\((?![^)]*\bor\b)",
+                     re.IGNORECASE)
+# An answer phrase that only comments ("The answer is correct.") is not where the answer is.
+_COMMENT = re.compile(r"[ \t*:]*(?:correct|right|verified|confirmed)[ \t*]*[.!]?[ \t]*(?:\n|\Z)", re.IGNORECASE)
 
 
 def _sentence_after(text, i):
     """The text from i to the end of its sentence: a newline, or a '.'/'!'/'?' followed by a space or the end."""
     while i < len(text) and text[i].isspace():  # "The answer is:\n\n18"
         i += 1
+    i += 2 if text.startswith(("- ", "* "), i) else 0  # a markdown bullet, not a minus sign
     for opening, closing in (("$$", "$$"), ("\\[", "\\]")):  # "The answer is:\n$$\n\\frac{1}{2}\n$$": the block
         if text.startswith(opening, i):
             j = text.find(closing, i + 2, i + 2 + MAX_ANSWER_CHARS)
@@ -812,10 +818,12 @@ def _boxed_answer(text, box):
 
 
 def _last_phrase(text):
-    """The last "final answer is" / "Answer:" / "####" in (the last 20 kB of) the text, or None."""
+    """The last "final answer is" / "Answer:" / "####" in (the last 20 kB of) the text that is not a mere comment
+    ("The answer is correct."), or None."""
     last = None
-    for last in _ANSWER_PHRASE.finditer(text, max(0, len(text) - 20_000)):
-        pass
+    for m in _ANSWER_PHRASE.finditer(text, max(0, len(text) - 20_000)):
+        if last is None or not _COMMENT.match(text, m.end()):
+            last = m
     return last
 
 
@@ -829,6 +837,9 @@ def _phrase_answer(text, phrase=None):
     answer = answer.strip().strip("*").strip().rstrip(",")
     if not answer or _HEDGE.search(answer) or _RETRACTION.search(answer):
         return None
+    clause = _CLAUSE.search(answer)
+    if clause and re.search(r"\d", answer[:clause.start()]):  # the answer is what comes before the explanation
+        answer = answer[:clause.start()].strip()
     parts = re.split(r"\s(?:is|are|was|equals)\s", answer)
     answer = _count_noun_dropped(parts[-1].strip() if len(parts) == 2 else answer)
     return None if _taken_back(text, stop, answer) else answer
@@ -837,7 +848,8 @@ def _phrase_answer(text, phrase=None):
 def _count_noun_dropped(answer):
     """"18 eggs", "8 birds on the tree" -> the number: a count noun (3 letters or more) does not change its value.
     A scale or joining word does, so "5 dozen", "7 hundred", "2 and three", "4 m" stay as they are."""
-    noun = re.fullmatch(r"(\$?-?\d[\d,.]*)\s+([A-Za-z][A-Za-z ]*)", answer.strip())
+    plain = re.sub(r"\\?\$", "", _UNWRAP.sub(r" \1", answer)).strip()  # "$7\text{ birds}$" -> "7  birds"
+    noun = re.fullmatch(r"(-?\d[\d,.]*)\s+([A-Za-z][A-Za-z ]*)", plain)
     words = noun.group(2).lower().split() if noun else []
     if words and len(words[0]) > 2 and not any(_SCALE.fullmatch(w) or w in ("and", "or", "but") for w in words):
         return noun.group(1)
@@ -1128,9 +1140,9 @@ def answers_match(pred, gold):
         return bool(m) and g in m.groups() and not re.search(r"\([a-j]\)|^[a-j](?:[.:)]|$)", p[m.end():])  # not 2
     if "=" in pred and "=" not in gold and not _RELATION.search(pred):  # "2+3=5 birds": the right side
         left, pred = pred.rsplit("=", 1)
-        pred = _count_noun_dropped(pred)
-        if normalize_answer(pred) == "0" and re.search("[a-z].", normalize_answer(left)):
-            return False  # "5x-7y+4=0" is an equation, not the value 0
+        if ", " in left or (normalize_answer(pred) == "0" and re.search("[a-z].", normalize_answer(left))):
+            return False  # "x = 5, y = 7" is a list, "5x-7y+4=0" an equation, not the value 0
+    pred = _count_noun_dropped(pred)
     p = normalize_answer(pred)
     p, g = _strip_parens(p), _strip_parens(g)
     if not p or not g:
