@@ -892,7 +892,7 @@ def extract_answer(text):
 
 _UNWRAP = re.compile(r"\\(?:text|textbf|textit|textnormal|mathbf|mathrm|mathit|mbox|operatorname)\s*\{([^{}]*)\}")
 _DROP = ("\\left", "\\right", "\\displaystyle", "\\!", "\\,", "\\;", "\\:", "\\$", "$", "\\(", "\\)",
-         "\\[", "\\]", "^\\circ", "^{\\circ}", "\\circ", "°", "\\%", "%", "€", "£", "¥", "**")
+         "\\[", "\\]", "^\\circ", "^{\\circ}", "\\circ", "°", "\\%", "%", "€", "£", "¥", "**", "`")
 # Known units and currencies only: never a single letter (7y, 3i, 4m), never a scale word (5 dozen).
 _UNIT = (r"(?:(?:centi|milli|kilo)?(?:met(?:er|re)|gram|lit(?:er|re))|inch|foot|feet|yard|mile|pound|ounce|ton|"
          r"gallon|quart|pint|cup|dollar|cent|euro|pence|yen|degree|radian|hour|minute|second|day|week|month|year|"
