@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from fractions import Fraction
 from html.parser import HTMLParser
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -971,6 +972,35 @@ def test_policy_loss_aas_value_and_gradient(adv, p, gamma):
     assert stats["aas_tokens"] == 1 and stats["aas_weight"] == pytest.approx(p / (p + gamma), rel=1e-9)
 
 
+def test_policy_loss_statistics_count_only_what_they_name():
+    # two guided rows: A = 1 with p = 0.002 (weight p / (p + 0.00025)) and A = 0 (weight 1, as with --kl-beta all
+    # rows reach the loss); no PPO token at all
+    p = torch.tensor([[0.002], [0.3]])
+    loss, st = tt.policy_loss(p.log(), p.log(), torch.tensor([1.0, 0.0]), torch.ones(2, 1), torch.ones(2, 1))
+    assert st["aas_tokens"] == 2 and st["aas_scored"] == 1
+    assert st["aas_weight"] == pytest.approx(0.002 / 0.00225, rel=1e-6)  # not diluted toward 1 by the A = 0 row
+    assert math.isnan(st["clip_frac"]) and math.isnan(st["dual_clip_frac"])  # no PPO token: no value, not 0
+
+
+def test_update_aas_weight_is_a_mean_over_tokens(tok):
+    # micro-batches of one row each, of 2, 4 and 3 guided tokens; one mini-batch, so every token's weight is
+    # p / (p + gamma) with p from the old log-probs, worked out here (A < 0 and p < 0.01 would go to PPO)
+    items = [tt.Rollout("q", "1", [3, 4], response=[5 + i] * n + [tok.eos_token_id], finished=True, guided=True,
+                        n_student=0, adv=adv) for i, (n, adv) in enumerate(((1, 1.0), (3, 1.0), (2, -1.0)))]
+    model, args = make_model(tok), learn_args(minibatches=1, micro_batch=1)
+    tt.score_old(model, None, items, args)
+    per_row = []
+    for r in items:
+        g = min(max(r.adv / 4000, -1e-3), 1e-3)
+        per_row.append([p / (p + g) for p in r.old_logp.exp().tolist() if not (r.adv < 0 and p < 0.01)])
+    tokens = [w for row in per_row for w in row]
+    rows_mean = sum(sum(row) / len(row) for row in per_row) / len(per_row)
+    mean = sum(tokens) / len(tokens)
+    assert abs(mean - rows_mean) > 20e-5 * mean  # the mean over micro-batches would be another number
+    stats = tt.update(model, items, tt.MasterAdamW(model, 1e-3, 0.0), args, random.Random(0))
+    assert stats["aas_weight"] == pytest.approx(mean, rel=1e-5)
+
+
 def test_aas_gamma_values():
     got = tt.aas_gamma(torch.tensor([-100.0, -2.0, 0.0, 0.4, 4.0, 100.0]))
     assert torch.allclose(got, torch.tensor([-0.001, -0.0005, 0.0, 0.0001, 0.001, 0.001]))
@@ -1072,6 +1102,16 @@ def test_guidance_pct_authors_setting():
     assert tt.guidance_pct(1, 50) == pytest.approx(0.1)
     assert tt.guidance_pct(2, 50) == pytest.approx(0.1 - 0.09 / 16)
     assert tt.guidance_pct(8, 50) == pytest.approx(0.1 - 0.09 * 7 / 16)
+
+
+def test_guidance_pct_threshold_decided_exactly():
+    # pct <= 0.06 exactly when 0.09 m / Q >= 0.04; in floating point 0.1 - 0.09 * 4/9 is 0.060000000000000005
+    assert tt.guidance_pct(5, 27) == 0.0 and tt.guidance_pct(4, 27) == pytest.approx(0.07)
+    for total in range(1, 400):
+        q = max(1, total // 3)
+        for step in range(1, q + 3):
+            exact = Fraction(1, 10) - Fraction(9, 100) * min(step - 1, q) / q
+            assert (tt.guidance_pct(step, total) > 0) == (exact > Fraction(6, 100)), (step, total)
 
 
 def test_guidance_pct_short_runs():
@@ -1579,6 +1619,19 @@ def weights(path):
     return torch.cat([p.detach().flatten() for p in m.parameters()])
 
 
+def test_end_to_end_teacher_text_max_counts_the_teacher_tokens(model_dirs, train_file, tmp_path):
+    # the limit counts the spliced teacher tokens, not the stop token that follows them
+    run(base_args(model_dirs["bigram"], train_file, tmp_path / "a", "--steps", 1, "--log-samples", 8))
+    s = next(s for s in read_jsonl(tmp_path / "a" / "samples.jsonl") if s.get("guided"))
+    k = len(s["tokens"]) - s["n_student"] - 1  # teacher tokens between the student's text and the stop token
+    for limit, passed in ((k, True), (k - 1, False)):
+        out = tmp_path / f"limit{limit}"
+        run(base_args(model_dirs["bigram"], train_file, out, "--steps", 1, "--teacher-text-max", limit))
+        replies = [r for r in read_jsonl(out / "samples.jsonl") if r.get("kind") == "teacher_reply"]
+        assert replies and all(r["passed"] == passed for r in replies)
+        assert passed or all(r["why"] == "longer than --teacher-text-max" for r in replies)
+
+
 def test_end_to_end_two_steps_with_teacher(model_dirs, train_file, tmp_path):
     out = tmp_path / "tt"
     assert run(base_args(model_dirs["bigram"], train_file, out, "--log-samples", 8)) == 0
@@ -1739,6 +1792,8 @@ def test_end_to_end_interrupted_save_keeps_previous_checkpoint(model_dirs, train
     (["--device", "gpu"], "use auto, cpu, cuda or cuda:N"),
     (["--lr=-1e-6"], "--lr and --grad-clip must be > 0"),
     (["--eval-limit", 0, "--eval", "gsm8k"], "--eval-limit must be at least 1"),
+    (["--eval-every", 1, "--eval-every-limit", 0], "--eval-every-limit must be at least 1"),
+    (["--eval-every", -1], "--eval-every -1: use a number of steps, or 0 for never"),
     (["--eval-limit", -5, "--eval", "gsm8k"], "--eval-limit must be at least 1"),
     (["--eval-max-new-tokens", 0], "--eval-max-new-tokens must be at least 1"),
     (["--eval", ","], "names no benchmark"),

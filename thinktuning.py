@@ -249,8 +249,8 @@ def guidance_pct(step, total_steps):
     1-based), and the teacher is off for good from the first step whose pct <= 0.06 (pct never rises, so this
     step's value says it). With the authors' total_steps = 50: Q = 16, steps 1-8 are guided."""
     q = max(1, total_steps // 3)
-    pct = 0.1 - 0.09 * min(step - 1, q) / q
-    return 0.0 if pct <= 0.06 else pct
+    m = min(step - 1, q)  # steps of decay so far
+    return 0.0 if 9 * m >= 4 * q else 0.1 - 0.09 * m / q  # pct <= 0.06, decided in integers (no rounding)
 
 
 def select_for_guidance(finished, group_size, pct, rng):
@@ -330,7 +330,7 @@ def guide(rollouts, chosen, run):
             why = "no EOS within --teacher-max-new-tokens"
         elif parsed is None:
             why = "not the three tags in order"
-        elif len(ids) - n_student > args.teacher_text_max:
+        elif len(ids) - n_student - 1 > args.teacher_text_max:  # the teacher's tokens, not the stop token
             why = "longer than --teacher-text-max"
         else:
             r.response, r.guided, r.n_student = ids, True, n_student
@@ -420,7 +420,9 @@ def aas_d(p_sg, A):
 def policy_loss(logp, old_logp, adv, mask, guided, clip_eps=0.2, dual_clip=3.0):
     """Token-mean ThinkTuning loss and its statistics.
     logp, old_logp: [n, T] log-probs of the response tokens (logp with gradient); adv: [n];
-    mask: [n, T] 1 on response tokens (EOS included); guided: [n, T] g, 1 on tokens trained with AAS."""
+    mask: [n, T] 1 on response tokens (EOS included); guided: [n, T] g, 1 on tokens trained with AAS.
+    Statistics: clip_frac and dual_clip_frac (shares of PPO tokens, NaN without any), aas_tokens, aas_scored (the
+    AAS tokens of rows with A != 0) and aas_weight (their mean p / d)."""
     mask, guided = mask.bool(), guided.bool()
     A = adv[:, None].expand_as(logp)  # [n, T] advantage broadcast to every token
     ratio = torch.exp(logp - old_logp)  # [n, T] rho
@@ -438,12 +440,14 @@ def policy_loss(logp, old_logp, adv, mask, guided, clip_eps=0.2, dual_clip=3.0):
     loss = torch.where(mask, l, 0.0).sum() / mask.sum().clamp(min=1)  # scalar: token mean, no KL, no entropy
     with torch.no_grad():
         ppo_tok, aas_tok = mask & ~use_aas, mask & use_aas  # [n, T]
-        n_ppo = max(1, ppo_tok.sum().item())
+        scored = aas_tok & (A != 0)  # [n, T] AAS tokens that push (with A = 0, p / d is 1 and moves nothing)
+        n_ppo, nan = ppo_tok.sum().item(), float("nan")
         clipped = -A * ratio.clamp(1 - clip_eps, 1 + clip_eps) > -A * ratio  # [n, T] the clip takes effect
-        stats = {"clip_frac": (clipped & ppo_tok).sum().item() / n_ppo,
-                 "dual_clip_frac": ((A < 0) & (l_clip > -A * dual_clip) & ppo_tok).sum().item() / n_ppo,
-                 "aas_tokens": aas_tok.sum().item(),
-                 "aas_weight": (p_sg / d)[aas_tok].mean().item() if aas_tok.any() else float("nan")}
+        dual = (A < 0) & (l_clip > -A * dual_clip) & ppo_tok  # [n, T] the dual clip takes effect
+        stats = {"clip_frac": (clipped & ppo_tok).sum().item() / n_ppo if n_ppo else nan,
+                 "dual_clip_frac": dual.sum().item() / n_ppo if n_ppo else nan,
+                 "aas_tokens": aas_tok.sum().item(), "aas_scored": scored.sum().item(),
+                 "aas_weight": (p_sg / d)[scored].mean().item() if scored.any() else nan}
     return loss, stats
 
 
@@ -532,9 +536,11 @@ def update(model, rollouts, optim, args, rng):
             losses.append(loss_sum)
     model.eval()
     mean = lambda key: nanmean([s[key] for s in stats if key in s])  # noqa: E731
+    scored = sum(s["aas_scored"] for s in stats)  # the AAS weight is a mean over tokens, not over micro-batches
     return {"loss": nanmean(losses), "grad_norm": nanmean(norms), "skipped_updates": skipped,
             "clip_frac": mean("clip_frac"), "dual_clip_frac": mean("dual_clip_frac"),
-            "aas_weight": mean("aas_weight"), "aas_tokens": aas_idle + sum(s["aas_tokens"] for s in stats),
+            "aas_weight": sum(s["aas_weight"] * s["aas_scored"] for s in stats if s["aas_scored"]) / scored
+            if scored else float("nan"), "aas_tokens": aas_idle + sum(s["aas_tokens"] for s in stats),
             **({"kl": mean("kl")} if args.kl_beta > 0 else {})}
 
 
@@ -682,9 +688,12 @@ def check_args(args):
         raise UserError(f"--minibatches {args.minibatches} must divide the {n} rollouts per step "
                         f"(--prompts-per-step x --group-size)")
     for name in ("steps", "prompts_per_step", "max_new_tokens", "teacher_max_new_tokens", "micro_batch",
-                 "eval_samples", "eval_batch_size", "save_every", "eval_limit", "eval_max_new_tokens"):
+                 "eval_samples", "eval_batch_size", "save_every", "eval_limit", "eval_max_new_tokens",
+                 "eval_every_limit"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.eval_every < 0:
+        raise UserError(f"--eval-every {args.eval_every}: use a number of steps, or 0 for never")
     if args.lr <= 0 or args.weight_decay < 0 or args.grad_clip <= 0:
         raise UserError("--lr and --grad-clip must be > 0 and --weight-decay >= 0")
     if args.eval is not None and not [n for n in args.eval.split(",") if n.strip()]:
