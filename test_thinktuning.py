@@ -685,6 +685,8 @@ def test_grade_units_on_both_sides():
     # a count noun inside a box or math: the number; a scale word still is not
     ("\\boxed{16 \\text{ eggs}}", "16", True), ("\\boxed{6 apples}", "6", True),
     ("The answer is $9\\text{ birds}$.", "9", True), ("\\boxed{9 \\text{ hundred}}", "9", False),
+    ("Step 1: find the answer: 20 - 4 - 6 = 10.\nStep 2: 10 * 3 = 30.\nSo Ana earns $30 a day.", "10", False),
+    ("Step 1: find the answer: 20 - 4 - 6 = 10.\nStep 2: 10 * 3 = 30.\nSo Ana earns $30 a day.", "30", True),
     ("The answer is 3 pairs.", "3", False), ("The answer is `42`.", "42", True),  # markdown code
 ])
 def test_grade_explanations_comments_and_count_nouns(response, gold, expected):

@@ -778,6 +778,7 @@ _SCALE = re.compile(r"(?:hundred|thousand|million|billion|trillion|dozen|score|g
 _CLAUSE = re.compile(r",\s*(?:which|so|since|because|as|not)\b|\s(?:since|because)\b|\s\((?![^)]*\bor\b)",
                      re.IGNORECASE)
 # An answer phrase that only comments ("The answer is correct.") is not where the answer is.
+_SETUP = re.compile(r"\b(?:find|get|compute|calculate|determine|work out)\s+$", re.IGNORECASE)  # "to find the answer:"
 _COMMENT = re.compile(r"[ \t*:]*(?:correct|right|verified|confirmed)[ \t*]*[.!]?[ \t]*(?:\n|\Z)", re.IGNORECASE)
 
 
@@ -828,9 +829,11 @@ def _boxed_answer(text, box):
 
 def _last_phrase(text):
     """The last "final answer is" / "Answer:" / "####" in (the last 20 kB of) the text that is not a mere comment
-    ("The answer is correct."), or None."""
+    ("The answer is correct.") nor a step's goal ("Step 1: find the answer: ..."), or None."""
     last = None
     for m in _ANSWER_PHRASE.finditer(text, max(0, len(text) - 20_000)):
+        if _SETUP.search(text, max(0, m.start() - 24), m.start()):  # a step's goal, not its result
+            continue
         if last is None or not _COMMENT.match(text, m.end()):
             last = m
     return last
