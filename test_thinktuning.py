@@ -2693,3 +2693,143 @@ def test_end_to_end_handout_of_every_exercise_still_runs(tmp_path, capsys):
     assert "unknown exercise nope" in err and "group_advantages" in err and len(err.splitlines()) == 1
     assert run(["--exercise", "list"]) == 0
     assert "policy_loss          pytest test_thinktuning.py -k policy_loss" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------------- teacher server
+# A real OpenAI-compatible server on 127.0.0.1 (standard library http.server in a thread). Each test gives it a
+# behaviour: a function of the request number (0, 1, ...) and the request's JSON body that returns what to send.
+GOOD_REPLY = "<opinion>correct</opinion>\n<reason>wait checked</reason>\n<phrase>so \\boxed{5}</phrase>"
+
+
+def _chat_reply(content, finish="stop"):
+    return 200, json.dumps({"id": "x", "object": "chat.completion", "model": "m",
+                            "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                                         "finish_reason": finish}]})
+
+
+@pytest.fixture
+def teacher_server():
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def send(self, status, text):
+            data = text.encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            server.seen.append(("GET", self.path, dict(self.headers), None))
+            if self.path == "/v1/models":
+                self.send(200, json.dumps({"object": "list", "data": [{"id": "tiny-teacher", "object": "model"}]}))
+            else:
+                self.send(404, "{}")
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            with lock:
+                n = len([s for s in server.seen if s[0] == "POST"])
+                server.seen.append(("POST", self.path, dict(self.headers), body))
+            status, text = server.behave(n, body)
+            if status is None:  # never answer in time
+                time.sleep(text)
+                return
+            self.send(status, text)
+
+    lock = threading.Lock()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    server.seen, server.behave = [], lambda n, body: _chat_reply(GOOD_REPLY)
+    server.url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def served_run(model_dirs, train_file, out, server, *extra):
+    """One guided step of the bigram student with the teacher behind `server`; (exit status, metrics, replies)."""
+    status = run(base_args(model_dirs["bigram"], train_file, out, "--steps", 1, "--teacher", server.url,
+                           "--log-samples", 8, *extra))
+    samples = read_jsonl(out / "samples.jsonl")
+    return status, read_jsonl(out / "metrics.jsonl")[0], [s for s in samples if s.get("kind") == "teacher_reply"]
+
+
+def test_teacher_server_replies_are_taken_up(model_dirs, train_file, tmp_path, teacher_server, monkeypatch):
+    monkeypatch.setenv("TEACHER_API_KEY", "sk-secret-123")
+    status, m, replies = served_run(model_dirs, train_file, tmp_path / "a", teacher_server)
+    assert status == 0 and m["teacher_asked"] == 2 and m["n_guided"] == 2 and m["teacher_format_pass"] == 1.0
+    assert all(r["passed"] and r["text"] == GOOD_REPLY for r in replies)
+    posts = [s for s in teacher_server.seen if s[0] == "POST"]
+    assert len(posts) == 2 and all(p[1] == "/v1/chat/completions" for p in posts)
+    samples = read_jsonl(tmp_path / "a" / "samples.jsonl")
+    guided = [s for s in samples if s.get("guided")]
+    assert len(guided) == 2 and all(s["teacher"] == "waitcheckedso\\boxed{5}" for s in guided)
+    for (_, _, headers, body), s in zip(posts, guided):  # the same messages as a local teacher gets, greedy
+        assert body["model"] == "tiny-teacher" and body["temperature"] == 0 and body["max_tokens"] == 24
+        assert headers["Authorization"] == "Bearer sk-secret-123"
+        assert body["messages"][:-1] == tt.teacher_messages("q", "r")[:-1]  # system prompt and demonstrations
+        assert body["messages"][-1]["content"].startswith("Problem:\nw")
+    assert {b["messages"][-1]["content"] for *_, b in posts} == {
+        tt.teacher_query(s["question"], s["student"]) for s in guided}
+    assert all(s["reward"] == float(s["gold"] == "5") for s in guided)  # graded on the teacher's answer
+    for path in (tmp_path / "a").rglob("*"):  # the key is never written anywhere
+        assert not path.is_file() or b"sk-secret-123" not in path.read_bytes()
+
+
+@pytest.mark.parametrize("behave, why", [
+    (lambda n, body: _chat_reply("I think it is 5."), "not the three tags in order"),
+    (lambda n, body: _chat_reply(GOOD_REPLY[:40], finish="length"), "not finished within --teacher-max-new-tokens"),
+    (lambda n, body: (200, "<html>not json"), "JSONDecodeError"),
+    (lambda n, body: (200, json.dumps({"choices": []})), "IndexError"),
+])
+def test_teacher_server_bad_replies_leave_the_rollout_unguided(model_dirs, train_file, tmp_path, teacher_server,
+                                                               behave, why):
+    teacher_server.behave = behave
+    status, m, replies = served_run(model_dirs, train_file, tmp_path / "a", teacher_server)
+    assert status == 0 and m["n_guided"] == 0 and m["teacher_asked"] == 2 and m["teacher_format_pass"] == 0
+    assert len(replies) == 2 and all(not r["passed"] and why in r["why"] for r in replies)
+    assert (tmp_path / "a" / "ckpt" / "model.safetensors").exists()  # training went on
+    tries = 3 if "Error" in why else 1  # a reply that arrives is not asked for again; a failed request is
+    assert len([s for s in teacher_server.seen if s[0] == "POST"]) == 2 * tries
+
+
+def test_teacher_server_error_then_success_is_retried(model_dirs, train_file, tmp_path, teacher_server):
+    teacher_server.behave = lambda n, body: (500, "{}") if n == 0 else _chat_reply(GOOD_REPLY)
+    status, m, replies = served_run(model_dirs, train_file, tmp_path / "a", teacher_server)
+    assert status == 0 and m["n_guided"] == 2 and all(r["passed"] for r in replies)
+    assert len([s for s in teacher_server.seen if s[0] == "POST"]) == 3
+
+
+def test_teacher_server_timeout_leaves_the_rollout_unguided(model_dirs, train_file, tmp_path, teacher_server):
+    slow = []  # the first query asked never gets an answer within 0.3 s, in any of its tries; the other does
+
+    def behave(n, body):
+        query = body["messages"][-1]["content"]
+        slow.append(query) if not slow else None
+        return (None, 1.0) if query == slow[0] else _chat_reply(GOOD_REPLY)
+    teacher_server.behave = behave
+    status, m, replies = served_run(model_dirs, train_file, tmp_path / "a", teacher_server, "--teacher-timeout", 0.3)
+    failed = [r for r in replies if not r["passed"]]
+    assert status == 0 and len(replies) == 2 and m["n_guided"] == 1 and len(failed) == 1
+    assert all(r["why"].startswith("teacher server failed 3 times") and "timed out" in r["why"] for r in failed)
+
+
+def test_teacher_server_down_at_start_is_one_line_before_any_model(model_dirs, train_file, tmp_path, capsys):
+    import socket
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    broken = tmp_path / "broken"  # a model folder whose weights cannot load: a load before the check would say so
+    shutil.copytree(model_dirs["bigram"], broken)
+    (broken / "model.safetensors").write_bytes(b"not weights")
+    args = base_args(str(broken), train_file, tmp_path / "a", "--teacher", f"http://127.0.0.1:{port}/v1")
+    assert run(args) == 2
+    assert one_line_error(capsys, f"no OpenAI-compatible server answers at http://127.0.0.1:{port}/v1/models")
+    assert not (tmp_path / "a" / "metrics.jsonl").exists()

@@ -32,6 +32,7 @@ expressions by evaluating them at random points instead), sharing the teacher's 
 """
 import argparse
 import cmath
+import concurrent.futures
 import contextlib
 import functools
 import html
@@ -44,6 +45,7 @@ import shutil
 import signal
 import sys
 import time
+import urllib.request
 import zlib
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
@@ -70,7 +72,8 @@ def build_parser():
         p.add_argument(*flags, **kw)
 
     a("--model", help="student: a Hub name or a local folder (required unless --resume)")
-    a("--teacher", help="teacher model; default: a frozen copy of --model's initial weights (the paper's choice)")
+    a("--teacher", help="teacher: a model, or an OpenAI-compatible server's http(s)://.../v1 URL; default: a frozen "
+      "copy of --model's initial weights (the paper's choice)")
     a("--no-teacher", action="store_true", help="vanilla GRPO: the paper's baseline, everything else equal")
     a("--train-data", default="openai/gsm8k", help="Hub dataset (GSM8K main train) or a local .jsonl/.json/.parquet")
     # step size. Paper: 128 prompts x 5 for one epoch of GSM8K (~58 steps). One GPU: 32 prompts (160 rollouts).
@@ -304,30 +307,41 @@ def guided_mask(rollout, teacher_tokens_only=False):
     return g
 
 
+def ask_teacher(run, conversations):
+    """Step 4's writing: one greedy reply per conversation, as (text, finished, why it was not asked). The teacher
+    is a local model (by default the frozen initial student) or, with --teacher URL, a chat-completions server
+    (ask_server, Part II). "finished": the reply ended with a stop token (a server: finish_reason "stop")."""
+    if isinstance(run.teacher, TeacherServer):
+        return ask_server(run.teacher, conversations)
+    prompts = [render_chat(run.teacher_tok, m) for m in conversations]
+    fits = [j for j, ids in enumerate(prompts) if len(ids) <= run.args.teacher_max_prompt_len]
+    out = [("", False, "teacher prompt longer than --teacher-max-prompt-len")] * len(prompts)
+    if fits:
+        replies, finished = generate(run.teacher, [prompts[j] for j in fits], run.teacher_how, desc="teacher")
+        for j, reply, done in zip(fits, replies, finished):
+            out[j] = (run.teacher_tok.decode(reply, skip_special_tokens=True), done, "")
+    return out
+
+
 def guide(rollouts, chosen, run):
     """Steps 4-5 on the chosen rollouts: the teacher reads each one (never the gold answer) and writes greedily;
-    a reply that parses is spliced on. Returns one record per reply asked for (text, passed, why not).
+    a reply that parses is spliced on. Returns one record per chosen rollout (reply text, passed, why not).
     Example: chosen = [3]; the teacher replies "<opinion>incorrect</opinion><reason>Wait, ...</reason><phrase>...
     \\boxed{7}</phrase>" and EOS -> rollouts[3] becomes its student ids + "\\n\\nWait, ...\\n\\n... \\boxed{7}" + its
-    stop token, guided; a reply cut at --teacher-max-new-tokens leaves rollouts[3] as it was (why: no EOS)."""
-    tok, teacher_tok, args = run.tok, run.teacher_tok, run.args
-    queries = []
-    for i in chosen:
-        text = tok.decode(rollouts[i].response, skip_special_tokens=True)
-        ids = render_chat(teacher_tok, teacher_messages(rollouts[i].question, text))
-        if len(ids) <= args.teacher_max_prompt_len:  # a longer query stays unguided
-            queries.append((i, ids))
-    if not queries:
-        return []
-    replies, finished = generate(run.teacher, [q for _, q in queries], run.teacher_how, desc="teacher")
+    stop token, guided; a reply cut at --teacher-max-new-tokens leaves rollouts[3] as it was (why: not finished)."""
+    tok, args = run.tok, run.args
+    conversations = [teacher_messages(rollouts[i].question, tok.decode(rollouts[i].response, skip_special_tokens=True))
+                     for i in chosen]
     records = []
-    for (i, _), reply, done in zip(queries, replies, finished):
-        r, reply_text = rollouts[i], teacher_tok.decode(reply, skip_special_tokens=True)
-        parsed, why = (parse_teacher(reply_text) if done else None), ""
+    for i, (reply_text, done, why) in zip(chosen, ask_teacher(run, conversations)):
+        r = rollouts[i]
+        parsed = parse_teacher(reply_text) if done else None
         if parsed:
             ids, n_student = splice(r.response, parsed[1], parsed[2], tok, r.response[-1])  # its own stop token
-        if not done:
-            why = "no EOS within --teacher-max-new-tokens"
+        if why:
+            pass  # never asked, or the server failed: the rollout stays as the student wrote it
+        elif not done:
+            why = "not finished within --teacher-max-new-tokens"
         elif parsed is None:
             why = "not the three tags in order"
         elif len(ids) - n_student - 1 > args.teacher_text_max:  # the teacher's tokens, not the stop token
@@ -646,6 +660,8 @@ def machinery_flags(a):
     a("--save-every", type=int, default=20, help="checkpoint every N steps (and always at the end)")
     a("--ignore-disk", action="store_true", help="start even when the free disk cannot hold one more checkpoint")
     a("--log-samples", type=int, default=4, help="full rollouts per step written to samples.jsonl")
+    a("--teacher-model", help="with --teacher URL: the request's model field [the server's first listed model]")
+    a("--teacher-timeout", type=float, default=600.0, help="with --teacher URL: seconds per request (3 tries)")
     a("--eval", help="evaluate only: comma-separated gsm8k,math500,aime24,aime25,gpqa or local files")
     a("--eval-limit", type=int, help="first N items of each benchmark")
     a("--eval-samples", type=int, default=1, help="samples per question (1 = greedy pass@1, the paper's protocol)")
@@ -681,6 +697,10 @@ def check_args(args):
         raise UserError("--model is required (a Hub name or a local folder)")
     if args.no_teacher and args.teacher:
         raise UserError("--no-teacher and --teacher contradict each other: drop one")
+    if args.teacher_model and not is_url(args.teacher):
+        raise UserError("--teacher-model names a server's model: it needs --teacher http(s)://...")
+    if args.teacher_timeout <= 0:
+        raise UserError(f"--teacher-timeout {args.teacher_timeout}: use a number of seconds > 0")
     if args.group_size < 2:
         raise UserError(f"--group-size {args.group_size}: GRPO needs at least 2 rollouts per question")
     n = args.prompts_per_step * args.group_size
@@ -1357,6 +1377,62 @@ def stop_ids(tok, model):
     return sorted(ids)
 
 
+# ------------------------------------------------------------------------------------------------ the teacher server
+# --teacher http(s)://...: any OpenAI-compatible chat-completions server (vLLM, SGLang, llama.cpp, Ollama, LM Studio)
+# writes the replies, so no teacher weights sit on the student's device. Standard library only.
+@dataclass(frozen=True)
+class TeacherServer:
+    url: str  # .../chat/completions
+    model: str  # the request's model field
+    max_tokens: int
+    timeout: float  # seconds per request
+    key: str = field(default=None, repr=False)  # from $TEACHER_API_KEY; never logged or saved
+
+
+def is_url(name):
+    return bool(name) and name.startswith(("http://", "https://"))
+
+
+def http_json(url, body=None, key=None, timeout=10.0):
+    """GET (body None) or POST JSON to url; the parsed JSON reply."""
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    data = None if body is None else json.dumps(body).encode()
+    with urllib.request.urlopen(urllib.request.Request(url, data, headers), timeout=timeout) as reply:
+        return json.loads(reply.read())
+
+
+def connect_teacher(args):
+    """The server of --teacher URL, checked before any model is loaded; its first listed model by default."""
+    base = args.teacher.rstrip("/").removesuffix("/chat/completions")
+    key = os.environ.get("TEACHER_API_KEY")
+    try:
+        listed = [m["id"] for m in http_json(base + "/models", key=key, timeout=min(30.0, args.teacher_timeout))["data"]]
+    except Exception as e:
+        raise UserError(f"--teacher {args.teacher}: no OpenAI-compatible server answers at {base}/models "
+                        f"({first_line(e)}); start it, or check the URL (it ends in /v1) and $TEACHER_API_KEY")
+    if not (args.teacher_model or listed):
+        raise UserError(f"--teacher {args.teacher} lists no model: name one with --teacher-model")
+    return TeacherServer(base + "/chat/completions", args.teacher_model or listed[0], args.teacher_max_new_tokens,
+                         args.teacher_timeout, key)
+
+
+def ask_server(server, conversations, tries=3):
+    """Every conversation at once (the server batches them), greedy. A request that fails or times out is tried
+    again (after 1 s, 2 s); after `tries` failures its rollout stays unguided and the reason is recorded."""
+    def one(messages):
+        body = {"model": server.model, "messages": messages, "temperature": 0, "max_tokens": server.max_tokens}
+        for attempt in range(tries):
+            time.sleep(attempt)
+            try:
+                choice = http_json(server.url, body, server.key, server.timeout)["choices"][0]
+                return str(choice["message"]["content"] or ""), choice.get("finish_reason") == "stop", ""
+            except Exception as e:  # refused, HTTP error, timeout, a reply that is not the expected JSON
+                error = f"{type(e).__name__}: {first_line(e)}"
+        return "", False, f"teacher server failed {tries} times ({error})"
+    with concurrent.futures.ThreadPoolExecutor(max(1, min(64, len(conversations)))) as pool:
+        return list(tqdm(pool.map(one, conversations), total=len(conversations), desc="teacher", leave=False))
+
+
 # ------------------------------------------------------------------------------------------------ the fast sampler
 # A preallocated static KV cache per (model, shape) and a compiled one-token decode step replayed as a CUDA
 # graph. Shapes are fixed per role (batch and cache length come from the flags and the data), so each role
@@ -1642,11 +1718,13 @@ def start_run(args):
     if not resuming and not looks_loadable(args.model):
         raise UserError(f"--model {args.model}: no such folder (a local model folder, or a Hub name like org/model)")
     check_out_folder(args, ckpt, resuming)
-    if resuming and (args.kl_beta > 0 or not args.no_teacher) and not looks_loadable(args.teacher or args.model):
-        raise UserError(f"the initial model {args.teacher or args.model} (teacher or KL reference) is not there "
-                        f"any more: pass its new place with --model (or --teacher)")
+    local_teacher = None if args.no_teacher or is_url(args.teacher) else args.teacher or args.model
+    for frozen in {local_teacher, args.model if args.kl_beta > 0 else None} - {None}:
+        if resuming and not looks_loadable(frozen):
+            raise UserError(f"the initial model {frozen} (teacher or KL reference) is not there any more: pass its "
+                            f"new place with --model (or --teacher)")
     tok = load_tokenizer(ckpt if resuming else args.model)
-    teacher_tok = tok if not args.teacher else load_tokenizer(args.teacher)  # unused with --no-teacher
+    teacher_tok = load_tokenizer(args.teacher) if args.teacher and local_teacher else tok  # local teachers only
     problems, skipped, prompt_width = tokenize_prompts(problems, tok, args)
     # CPU first: RNG states must be CPU tensors; the optimizer moves its state to the parameters' device
     saved = load_trainer_state(ckpt) if resuming else None
@@ -1656,12 +1734,13 @@ def start_run(args):
         return None
     if saved:
         print(f"resuming {args.out} from step {first_step} (checkpoint of step {saved['step']})")
+    # the teacher: by default a frozen copy of the initial student (read from --model, also when resuming),
+    # loaded (or its server checked) only if some step still to run is guided
+    guided_ahead = not args.no_teacher and guidance_pct(first_step, args.schedule_steps) > 0
+    server = connect_teacher(args) if guided_ahead and is_url(args.teacher) else None
     torch.manual_seed(args.seed)
     student = load_model(ckpt if resuming else args.model, args, trainable=True).eval()
-    # the teacher: by default a frozen copy of the initial student (read from --model, also when resuming),
-    # loaded only if some step still to run is guided
-    guided_ahead = not args.no_teacher and guidance_pct(first_step, args.schedule_steps) > 0
-    teacher = load_model(args.teacher or args.model, args, trainable=False) if guided_ahead else None
+    teacher = server or (load_model(local_teacher, args, trainable=False) if guided_ahead else None)
     ref = None
     if args.kl_beta > 0:  # the frozen initial model is also the default teacher: no extra memory then
         ref = teacher if teacher is not None and not args.teacher else load_model(args.model, args, trainable=False)
@@ -1670,7 +1749,7 @@ def start_run(args):
                            args.top_p, args.fast, batch=n_roll, prompt_len=prompt_width)
     teacher_how = (Sampling(stop_ids(teacher_tok, teacher), pad_token_id(teacher_tok), args.teacher_max_new_tokens,
                             0.0, 1.0, args.fast, teacher_rows(args), args.teacher_max_prompt_len)
-                   if teacher is not None else None)
+                   if teacher is not None and not server else None)
     run = Run(args, tok, student, teacher, teacher_tok, ref,
               MasterAdamW(student, args.lr, args.weight_decay, fused=args.device.startswith("cuda")),
               problems, student_how, teacher_how, random.Random(args.seed),
@@ -1795,12 +1874,13 @@ def memory_estimate(run, prompt_width):
     args, cfg, teacher = run.args, run.student.config, run.teacher
     size, n_roll, width = run.student.dtype.itemsize, run.student_how.batch, prompt_width + args.max_new_tokens
     n_params, rows = sum(p.numel() for p in run.optim.params), min(args.micro_batch, n_roll // args.minibatches)
-    frozen = sum(p.numel() * p.element_size() for m in {teacher, run.ref} - {None} for p in m.parameters())
+    frozen_models = {id(m): m for m in (teacher, run.ref) if isinstance(m, torch.nn.Module)}  # ref may be teacher
+    frozen = sum(p.numel() * p.element_size() for m in frozen_models.values() for p in m.parameters())
     phases = {"student sampling": (kv_cache_bytes(cfg, n_roll, width, size)  # + the prefill of every prompt at once
                                    + forward_bytes(cfg, n_roll * prompt_width, size)),
               "old log-probs": forward_bytes(cfg, min(n_roll, 4 * args.micro_batch) * width, size),
               "update": n_params * size + activation_bytes(cfg, rows * width, size, args.grad_ckpt)}
-    if teacher is not None:
+    if isinstance(teacher, torch.nn.Module):
         t_cfg, t_size, t_rows, t_prompt = (teacher.config, teacher.dtype.itemsize, teacher_rows(args),
                                            args.teacher_max_prompt_len)
         phases["teacher sampling"] = (kv_cache_bytes(t_cfg, t_rows, t_prompt + args.teacher_max_new_tokens, t_size)
@@ -1821,6 +1901,8 @@ def print_plan(run, n_problems, skipped, prompt_width):
     trained, frozen, phases = memory_estimate(run, prompt_width)
     peak = trained + frozen + max(phases.values())
     masters = ", fp32 master weights" if run.optim.separate() else ""
+    if isinstance(run.teacher, TeacherServer):
+        print(f"teacher: {run.teacher.model} at {run.teacher.url} (no teacher weights on {args.device})")
     print(f"student {n_params / 1e6:.0f}M parameters, {args.dtype} on {args.device}; memory estimate: "
           f"{(trained + frozen) / 1e9:.1f} GB always (weights{masters}, AdamW state, {frozen / 1e9:.1f} GB frozen "
           f"teacher/reference), plus the largest of " + ", ".join(f"{b / 1e9:.1f} GB {k}" for k, b in phases.items())
@@ -1907,7 +1989,7 @@ def log_step(run, step, rollouts, record):
 
 def release_teacher(run, step):
     print(f"guidance is over after step {step}: plain GRPO from here on, teacher memory freed")
-    _forget_decoders(run.teacher)
+    _forget_decoders(run.teacher)  # nothing to forget for a server
     run.teacher = None  # the last reference, unless the KL reference shares the weights
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
