@@ -5,6 +5,7 @@ function under test.
 """
 import ast
 import functools
+import html
 import inspect
 import json
 import math
@@ -121,7 +122,7 @@ def make_model(tok, seed=0):
     return model
 
 
-def make_bigram_model(tok, scale=0.25):
+def make_bigram_model(tok, scale=0.25, chain=CHAIN):
     """A real transformer whose layers write nothing (zeroed output projections), so its next-token logits
     depend on the current token only; the LM head is set so that CHAIN is its most likely path. Greedy, it
     writes a valid teacher reply; sampled at T=1, it does so about 80% of the time."""
@@ -133,7 +134,7 @@ def make_bigram_model(tok, scale=0.25):
         head = model.lm_head.weight
         head.zero_()
         hidden = model.model.norm(model.model.embed_tokens.weight)  # what reaches the head for each token
-        ids = tok.convert_tokens_to_ids(CHAIN)
+        ids = tok.convert_tokens_to_ids(chain)
         for a, b in zip(ids, ids[1:]):
             head[b] += scale * hidden[a]
     return model
@@ -2833,3 +2834,30 @@ def test_teacher_server_down_at_start_is_one_line_before_any_model(model_dirs, t
     assert run(args) == 2
     assert one_line_error(capsys, f"no OpenAI-compatible server answers at http://127.0.0.1:{port}/v1/models")
     assert not (tmp_path / "a" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("word, share", [("checked", 0.0), ("wait", 100.0)])
+def test_evaluate_counts_reflective_answers(tok, word, share):
+    # greedy, the bigram model writes CHAIN; with "wait" in place of "checked" every answer holds a reflection
+    model = make_bigram_model(tok, chain=[word if t == "checked" else t for t in CHAIN])
+    how = tt.Sampling([tok.eos_token_id], tok.pad_token_id, 20, batch=4)
+    items = [{"question": f"w{i} is", "gold": "5"} for i in range(3)]
+    summary, preds = tt.evaluate(model, tok, items, how)
+    assert [word in p["response"] for p in preds] == [True] * 3 and summary["reflective_pct"] == share
+    row = tt.eval_rows({"b": summary})[0]
+    assert row[tt.EVAL_HEAD.split("|").index("reflective %")] == f"{share:.1f}"
+
+
+def test_teacher_panel_per_step(model_dirs, train_file, tmp_path, teacher_server):
+    # step 1: the first reply fails the format, the second passes; the page's teacher table says so per step
+    teacher_server.behave = lambda n, body: _chat_reply("no tags" if n == 0 else GOOD_REPLY)
+    status, m, replies = served_run(model_dirs, train_file, tmp_path / "a", teacher_server)
+    assert status == 0 and m["teacher_why"] == {"not the three tags in order": 1} and m["n_guided"] == 1
+    page = (tmp_path / "a" / "report.html").read_text()
+    Page(page)  # well formed
+    rows = [[html.unescape(c) for c in re.findall(r"<td>(.*?)</td>", tr)] for tr in re.findall(r"<tr>(.*?)</tr>", page)]
+    rows = [r for r in rows if r and r[0] == "1"]
+    own = [s for s in read_jsonl(tmp_path / "a" / "samples.jsonl") if s.get("kind") != "teacher_reply"]
+    assert rows == [["1", "2", "1", "1 x not the three tags in order", f"{m['reward_guided']:.3g}",
+                     f"{m['reward_unguided']:.3g}", f"{m['reflect_rate']:.3g}"]]
+    assert len(own) == 8 and m["reflect_rate"] == sum("wait" in s["student"] for s in own if not s["guided"]) / 7

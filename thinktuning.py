@@ -1928,6 +1928,7 @@ REFLECTIVE = re.compile(r"\b(?:wait|let me check|let me verify|verify|double-che
 def step_metrics(run, step, rollouts, record):
     """One line of metrics.jsonl (README, "Reading the metrics")."""
     args, replies = run.args, record["replies"]
+    whys = [rep["why"] for rep in replies if rep["why"]]
     guided = [r for r in rollouts if r.guided]
     own = [(r, text) for r, text in zip(rollouts, record["texts"]) if not r.guided]
     spread = torch.tensor([r.reward for r in rollouts]).view(-1, args.group_size).std(1)  # [B]
@@ -1938,6 +1939,7 @@ def step_metrics(run, step, rollouts, record):
            "guidance_pct": record["pct"], "n_selected": len(record["chosen"]), "teacher_asked": len(replies),
            "n_guided": len(guided),
            "teacher_format_pass": nanmean([float(rep["passed"]) for rep in replies]),
+           "teacher_why": {w: whys.count(w) for w in sorted(set(whys))},  # failed replies by reason
            "response_len": sum(len(r.response) for r in rollouts) / len(rollouts),
            "finished_frac": sum(r.finished for r in rollouts) / len(rollouts),
            "reflect_rate": nanmean([float(bool(REFLECTIVE.search(text))) for _, text in own]),
@@ -2124,23 +2126,27 @@ def evaluate(model, tok, items, how, k=1, desc="eval"):
         correct[p["index"]] += p["correct"]
     summary = {"n": len(items), "samples": k, "accuracy": 100 * sum(c / k for c in correct) / len(items),
                "mean_length": sum(p["length"] for p in preds) / len(preds),
-               "truncated_pct": 100 * sum(not p["finished"] for p in preds) / len(preds)}
+               "truncated_pct": 100 * sum(not p["finished"] for p in preds) / len(preds),
+               "reflective_pct": 100 * sum(bool(REFLECTIVE.search(p["response"])) for p in preds) / len(preds)}
     if k > 1:
         summary[f"pass@{k}"] = 100 * sum(pass_at_k(k, c, k) for c in correct) / len(items)
     return summary, preds
 
 
-EVAL_HEAD = "benchmark|n|samples|accuracy % [95% CI]|pass@k %|mean length|truncated %|paper GRPO|paper ThinkTuning"
+EVAL_HEAD = ("benchmark|n|samples|accuracy % [95% CI]|pass@k %|mean length|truncated %|reflective %|paper GRPO|"
+             "paper ThinkTuning")
 
 
 def eval_rows(results):
-    """Per benchmark: n, samples, accuracy with its interval, pass@k, length, truncation, the paper's Table 1."""
+    """Per benchmark: n, samples, accuracy with its interval, pass@k, length, truncation, the share of answers with a
+    reflection (REFLECTIVE: "wait", "let me check", "verify"...), the paper's Table 1."""
     rows = []
     for b, r in results.items():
         pk = [f"{k} {v:.2f}" for k, v in r.items() if k.startswith("pass@") and num(v) is not None]
         paper = [f"{x:.2f}" for x in PAPER[b]] if b in PAPER else ["-", "-"]
         rows.append([b, r.get("n", "-"), r.get("samples", "-"), acc_cell(r), ", ".join(pk) or "-",
-                     f"{num(r.get('mean_length')) or 0:.0f}", f"{num(r.get('truncated_pct')) or 0:.1f}", *paper])
+                     f"{num(r.get('mean_length')) or 0:.0f}", f"{num(r.get('truncated_pct')) or 0:.1f}",
+                     "-" if num(r.get("reflective_pct")) is None else f"{r['reflective_pct']:.1f}", *paper])
     return rows
 
 
@@ -2359,6 +2365,20 @@ def curves_section(rows):
             f'(bottom).</p><div class="charts">{"".join(charts)}</div>')
 
 
+def teacher_section(rows):
+    """Per step that asked the teacher: replies asked and passed, why the others failed, the reward of guided and
+    unguided rollouts, and the share of the student's own rollouts with a reflection."""
+    asked = [r for r in rows if num(r.get("teacher_asked"))]
+    if not asked:
+        return ('<p class="note">The teacher was never asked: a --no-teacher run, guidance already over, or no '
+                'finished rollout to select.</p>')
+    def f(v): return "-" if num(v) is None else f"{num(v):.3g}"  # noqa: E306
+    body = [[r.get("step"), r["teacher_asked"], round(num(r.get("teacher_format_pass")) * r["teacher_asked"]),
+             "; ".join(f"{n} x {w}" for w, n in (r.get("teacher_why") or {}).items()) or "-",
+             f(r.get("reward_guided")), f(r.get("reward_unguided")), f(r.get("reflect_rate"))] for r in asked]
+    return table("step|asked|passed|why not|reward guided|reward unguided|own rollouts reflecting", body)
+
+
 def table(head, rows):
     """An HTML table: head is 'col|col|...', rows are lists of cells (escaped here)."""
     th = "".join(f"<th>{html.escape(h)}</th>" for h in head.split("|"))
@@ -2469,8 +2489,9 @@ def write_report(out, others=()):
     """Write OUT/report.html from whichever of metrics.jsonl, samples.jsonl, eval.json the folder holds; with
     others (more run folders), a table comparing their evals to this run's. Returns the page's path."""
     name = html.escape(os.path.basename(os.path.normpath(out)))
-    parts = [f"<h1>ThinkTuning run: {name}</h1>", "<h2>Training curves</h2>",
-             curves_section(read_jsonl(os.path.join(out, "metrics.jsonl"))), "<h2>Evaluation</h2>",
+    metrics = read_jsonl(os.path.join(out, "metrics.jsonl"))
+    parts = [f"<h1>ThinkTuning run: {name}</h1>", "<h2>Training curves</h2>", curves_section(metrics),
+             "<h2>Teacher</h2>", teacher_section(metrics), "<h2>Evaluation</h2>",
              eval_section(read_json(os.path.join(out, "eval.json")))]
     if others:
         parts += ["<h2>Against other runs</h2>", compare_section([out, *others])]
