@@ -2861,3 +2861,16 @@ def test_teacher_panel_per_step(model_dirs, train_file, tmp_path, teacher_server
     assert rows == [["1", "2", "1", "1 x not the three tags in order", f"{m['reward_guided']:.3g}",
                      f"{m['reward_unguided']:.3g}", f"{m['reflect_rate']:.3g}"]]
     assert len(own) == 8 and m["reflect_rate"] == sum("wait" in s["student"] for s in own if not s["guided"]) / 7
+
+
+@pytest.mark.parametrize("adv, expected", [(-1.0, 3.0), (1.0, -1.2)])
+def test_policy_loss_huge_log_ratio_stays_finite(adv, expected):
+    # a token routed to PPO whose old log-prob is -120 and new one -20: rho = e^100 overflows float32 without the
+    # clamp, and the backward pass turns the whole batch's gradient into NaN. Both branches are clipped here:
+    # A < 0 -> the dual clip's constant -A c = 3, A > 0 -> -A (1 + eps) = -1.2; the gradient is 0.
+    logp = torch.tensor([[-20.0, -1.0]], requires_grad=True)
+    old = torch.tensor([[-120.0, -1.0]])
+    mask, guided = torch.tensor([[1.0, 0.0]]), torch.zeros(1, 2)
+    loss, _ = tt.policy_loss(logp, old, torch.tensor([adv]), mask, guided)
+    loss.backward()
+    assert loss.item() == pytest.approx(expected) and torch.isfinite(logp.grad).all() and logp.grad.abs().max() == 0

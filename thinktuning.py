@@ -24,9 +24,11 @@ Where this file departs from the paper or the authors' code (README, "Departures
 - rows whose advantage is 0 are neither scored nor back-propagated when --kl-beta is 0 (their loss and
   gradient are exactly 0); their tokens still count in the token mean.
 - no dropout while training; the checkpoint's own sampling defaults (top_k, min_p...) are ignored.
-- the AAS denominator d is floored at 1e-30, so a token whose p underflows to 0 gives no NaN.
+- the AAS denominator d is floored at 1e-30, so a token whose p underflows to 0 gives no NaN; the PPO log-ratio
+  is clamped to [-20, 20] (as verl), so a teacher token's very low old log-prob cannot overflow the ratio.
 - 32 prompts per step by default, not 128: one GPU.
-Left out on purpose (README, "Left out on purpose"): several GPUs and vLLM (README, "Beyond one GPU"), LoRA,
+Any OpenAI-compatible server can be the teacher (--teacher URL; README, "A teacher behind a server").
+Left out on purpose (README, "Left out on purpose"): several GPUs and vLLM for the student ("Beyond one GPU"), LoRA,
 learning-rate schedules and warm-up, an entropy bonus, a computer algebra system in the grader (it compares
 expressions by evaluating them at random points instead), sharing the teacher's few-shot prefix cache.
 """
@@ -439,7 +441,9 @@ def policy_loss(logp, old_logp, adv, mask, guided, clip_eps=0.2, dual_clip=3.0):
     AAS tokens of rows with A != 0) and aas_weight (their mean p / d)."""
     mask, guided = mask.bool(), guided.bool()
     A = adv[:, None].expand_as(logp)  # [n, T] advantage broadcast to every token
-    ratio = torch.exp(logp - old_logp)  # [n, T] rho
+    # [n, T] rho; the log-ratio is clamped to [-20, 20] (as verl): exp(88) is inf in float32 and its backward NaN.
+    # Beyond e^20 every PPO branch is clipped anyway; below e^-20 the loss moves by less than |A| * 2e-9.
+    ratio = torch.exp((logp - old_logp).clamp(-20, 20))
     # unguided tokens: PPO with dual clip
     l_clip = torch.maximum(-A * ratio, -A * ratio.clamp(1 - clip_eps, 1 + clip_eps))  # [n, T]
     l_ppo = torch.where(A < 0, torch.minimum(l_clip, -A * dual_clip), l_clip)  # [n, T]
