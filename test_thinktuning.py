@@ -5,6 +5,7 @@ function under test.
 """
 import ast
 import functools
+import hashlib
 import html
 import inspect
 import json
@@ -19,6 +20,7 @@ import sys
 import time
 from fractions import Fraction
 from html.parser import HTMLParser
+from types import SimpleNamespace
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -1796,11 +1798,22 @@ def test_end_to_end_interrupted_save_keeps_previous_checkpoint(model_dirs, train
     (["--lr=-1e-6"], "--lr and --grad-clip must be > 0"),
     (["--eval-limit", 0, "--eval", "gsm8k"], "--eval-limit must be at least 1"),
     (["--eval-every", 1, "--eval-every-limit", 0], "--eval-every-limit must be at least 1"),
-    (["--eval-every", -1], "--eval-every -1: use a number of steps, or 0 for never"),
+    (["--eval-every", -1], "--eval-every -1 must be >= 0 (0: off)"),
     (["--eval-limit", -5, "--eval", "gsm8k"], "--eval-limit must be at least 1"),
     (["--eval-max-new-tokens", 0], "--eval-max-new-tokens must be at least 1"),
     (["--eval", ","], "names no benchmark"),
     (["--no-teacher", "--teacher", "x"], "--no-teacher and --teacher contradict"),
+    (["--clip-eps", -1], "--clip-eps must be in (0, 1) and --dual-clip > 1"),
+    (["--dual-clip", 0.5], "--clip-eps must be in (0, 1) and --dual-clip > 1"),
+    (["--kl-beta", -1], "--kl-beta -1.0 must be >= 0"),
+    (["--schedule-steps", -5], "--schedule-steps must be at least 1"),
+    (["--log-samples", -1], "--log-samples -1 must be >= 0"),
+    (["--teacher-text-max", 0], "--teacher-text-max must be at least 1"),
+    (["--eval", "gsm8k", "--eval-temperature", 0.7], "--eval-temperature applies to --eval-samples > 1"),
+    (["--eval", "gsm8k", "--compare", "a,b"], "--eval evaluates and --compare only reads"),
+    (["--report", "r"], "--report draws a page from a run folder; it ignores --device, --group-size"),
+    (["--teacher-model", "m"], "--teacher-model names a server's model: it needs --teacher http"),
+    (["--teacher", "http://127.0.0.1:9/v1", "--teacher-timeout", 0], "--teacher-timeout 0.0: use a number"),
 ])
 def test_check_args_bad_settings_fail_in_one_line(model_dirs, train_file, tmp_path, capsys, extra, needle):
     if extra[0] == "--device" and torch.cuda.is_available():
@@ -1923,6 +1936,14 @@ def test_end_to_end_folder_without_a_checkpoint_can_be_reused(model_dirs, train_
     assert (out / "metrics.jsonl.aborted").read_text() == '{"step": 1, "reward": 0.0}\n'
     assert "note: step 1: every rollout earned 0" in capsys.readouterr().out  # random weights: no signal, said once
     assert len(read_jsonl(out / "metrics.jsonl")) == 1 and (out / "ckpt").exists()
+    second = tmp_path / "crashed twice"  # a second aborted run keeps the first one's logs
+    second.mkdir()
+    for text in ('{"step": 1, "reward": 0.1}\n', '{"step": 1, "reward": 0.2}\n'):
+        (second / "metrics.jsonl").write_text(text)
+        tt.check_out_folder(SimpleNamespace(out=str(second), resume=None), str(second / "ckpt"), False)
+    assert (second / "metrics.jsonl.aborted").read_text() == '{"step": 1, "reward": 0.1}\n'
+    assert (second / "metrics.jsonl.aborted.2").read_text() == '{"step": 1, "reward": 0.2}\n'
+    tt.HELD.pop(os.path.realpath(second)).close()
 
 
 # a full disk as the OS reports it, and as torch.save (and safetensors) report it: not an OSError
@@ -2874,3 +2895,107 @@ def test_policy_loss_huge_log_ratio_stays_finite(adv, expected):
     loss, _ = tt.policy_loss(logp, old, torch.tensor([adv]), mask, guided)
     loss.backward()
     assert loss.item() == pytest.approx(expected) and torch.isfinite(logp.grad).all() and logp.grad.abs().max() == 0
+
+
+
+# --------------------------------------------------------------------------------------------- results you can trust
+def test_run_folder_is_held_by_one_process(model_dirs, train_file, tmp_path, capsys):
+    out, data = tmp_path / "a", tmp_path / "mini.jsonl"
+    data.write_text(json.dumps({"question": "w1 is", "answer": "#### 5"}) + "\n")
+    here = os.path.dirname(os.path.abspath(tt.__file__))
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, thinktuning as tt; tt.writable_folder(sys.argv[1]);"
+                               " print('held', flush=True); time.sleep(120)", str(out)], cwd=here, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline().strip() == b"held"  # another process runs in OUT
+        for argv in (base_args(model_dirs["random"], train_file, out, "--no-teacher", "--steps", 1),
+                     ["--model", model_dirs["bigram"], "--eval", data, "--out", out, "--device", "cpu"],
+                     ["--report", out]):
+            assert run(argv) == 2 and one_line_error(capsys, "is in use by another thinktuning.py process")
+        assert not (out / "metrics.jsonl").exists() and not (out / "eval.json").exists()
+    finally:
+        holder.kill()  # killed as a crash would: the lock goes with the process
+        holder.wait()
+    assert run(base_args(model_dirs["random"], train_file, out, "--no-teacher", "--steps", 1)) == 0
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1]
+
+
+def test_eval_keeps_models_and_data_apart(model_dirs, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    a, b = tmp_path / "gsm8k_a.jsonl", tmp_path / "gsm8k_b.jsonl"  # both are labelled gsm8k
+    a.write_text("".join(json.dumps({"question": f"w{i} is", "answer": f"#### {g}"}) + "\n" for i, g in enumerate([5, 7])))
+    b.write_text("".join(json.dumps({"question": f"w{i} is", "answer": f"#### {g}"}) + "\n" for i, g in enumerate([7, 5])))
+    ev = ["--eval", a, "--device", "cpu", "--max-new-tokens", 20]
+    assert run(["--model", model_dirs["bigram"], *ev]) == 0  # without --out: a folder named after the model
+    first = json.load(open(tmp_path / "runs" / "eval-bigram" / "eval.json"))["results"]["gsm8k"]
+    content = json.dumps([["w0 is", "5"], ["w1 is", "7"]]).encode()  # what was evaluated: questions and golds
+    assert first["data"] == str(a) and first["data_sha256"] == hashlib.sha256(content).hexdigest()[:16]
+    assert not os.path.exists(tmp_path / "runs" / "thinktuning")
+    # another model into the same folder is refused before it is loaded; the first model's results stay
+    assert run(["--model", model_dirs["random"], *ev, "--out", "runs/eval-bigram"]) == 2
+    assert one_line_error(capsys, f"holds results of {model_dirs['bigram']}: evaluate {model_dirs['random']} into")
+    assert json.load(open(tmp_path / "runs" / "eval-bigram" / "eval.json"))["results"]["gsm8k"] == first
+    # the same label on other data is not paired with McNemar; the same data is
+    for name, path in (("same", a), ("other", b)):
+        assert run(["--model", model_dirs["bigram"], "--eval", path, "--device", "cpu", "--max-new-tokens", 20,
+                    "--out", name]) == 0
+    capsys.readouterr()
+    assert run(["--compare", "runs/eval-bigram,same,other"]) == 0
+    out = capsys.readouterr().out
+    assert "gsm8k, same against eval-bigram: 2 questions paired" in out
+    assert "gsm8k, other against eval-bigram: not paired, they evaluated different data" in out
+    assert "other against eval-bigram: 2 questions" not in out
+
+
+def test_resume_refuses_another_initial_model(trained, model_dirs, tmp_path, capsys):
+    out = copy_run(trained, tmp_path)
+    for extra in ([], ["--eval", "gsm8k"]):
+        assert run(["--resume", out, "--model", model_dirs["bigram"], "--steps", 2, *extra]) == 2
+        assert one_line_error(capsys, f"was trained from {model_dirs['random']}, which is its teacher and KL reference")
+    assert len(read_jsonl(out / "metrics.jsonl")) == 1
+
+
+def test_resume_refuses_a_trainer_state_of_another_shape(trained, tmp_path, capsys):
+    out = copy_run(trained, tmp_path)
+    path = out / "ckpt" / "trainer_state.pt"
+    state = torch.load(path, weights_only=False)
+    first = next(iter(state["optimizer"]["state"].values()))
+    first["exp_avg"] = torch.zeros(3, 3)  # as if the state came from a model of another size
+    torch.save(state, path)
+    assert run(["--resume", out, "--steps", 2]) == 2
+    assert one_line_error(capsys, "trainer_state.pt belongs to a model of another shape")
+    assert len(read_jsonl(out / "metrics.jsonl")) == 1  # refused at start, before any sampling
+
+
+def test_first_save_failing_does_not_suggest_resume(model_dirs, train_file, tmp_path, capsys, monkeypatch):
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(tt.torch, "save", full_disk)
+    assert run(base_args(model_dirs["random"], train_file, tmp_path / "a", "--no-teacher", "--steps", 1)) == 2
+    assert one_line_error(capsys, "no checkpoint was written yet: free some space and start again")
+
+
+def test_misspelled_eval_file_is_no_such_file(model_dirs, tmp_path, capsys):
+    assert run(["--model", model_dirs["bigram"], "--eval", tmp_path / "heldot.jsonl", "--device", "cpu",
+                "--out", tmp_path / "e"]) == 2
+    assert one_line_error(capsys, "heldot.jsonl: no such file")
+
+
+def test_compare_without_folders_is_one_line(capsys):
+    assert run(["--compare", ","]) == 2 and one_line_error(capsys, "names no run folder")
+
+
+def test_print_plan_sizes_and_cpu_memory_warning(tok, tmp_path, monkeypatch, capsys):
+    student = make_model(tok)  # 25,056 fp32 parameters: weights + AdamW moments = 300,672 bytes
+    args = tt.build_parser().parse_args(["--model", "m", "--prompts-per-step", "2", "--group-size", "4",
+                                         "--max-new-tokens", "20", "--out", str(tmp_path), "--no-teacher"])
+    args.device, args.dtype, args.grad_ckpt = "cpu", "float32", False
+    run_ = SimpleNamespace(args=args, student=student, teacher=None, ref=None, optim=tt.MasterAdamW(student, 1e-6, 0.0),
+                           student_how=tt.Sampling([1], 1, 20, batch=8))
+    trained, frozen, phases = tt.memory_estimate(run_, prompt_width=64)
+    peak = trained + frozen + max(phases.values())
+    page = os.sysconf("SC_PAGE_SIZE")
+    for pages, warned in ((int(peak / 0.95 / page) + 1, False), (int(peak / 0.95 / page) - 1, True)):
+        monkeypatch.setattr(tt.os, "sysconf", lambda name, pages=pages: page if name == "SC_PAGE_SIZE" else pages)
+        tt.print_plan(run_, 10, 0, prompt_width=64)
+        out = capsys.readouterr().out
+        assert ("more than this machine's" in out) == warned and "checkpoints: about 301 kB each" in out

@@ -37,6 +37,7 @@ import cmath
 import concurrent.futures
 import contextlib
 import functools
+import hashlib
 import html
 import json
 import math
@@ -53,9 +54,16 @@ from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from types import SimpleNamespace
 
-import torch
-import torch.nn.functional as F
-from tqdm import tqdm
+try:
+    import fcntl  # one process per run folder (POSIX; Windows runs without the lock)
+except ImportError:
+    fcntl = None
+try:
+    import torch
+    import torch.nn.functional as F
+    from tqdm import tqdm
+except KeyboardInterrupt:  # Ctrl-C while torch loads: no traceback
+    sys.exit(130)
 
 # ################################################################################################################
 # PART I. THE METHOD, in the order of one training step
@@ -654,7 +662,7 @@ def train(args):
 # ------------------------------------------------------------------------------------------------ flags and checks
 def machinery_flags(a):
     """The flags that change how the method runs, not what it computes."""
-    a("--out", default="runs/thinktuning", help="run folder: metrics, samples, checkpoints, evaluation")
+    a("--out", help="run folder: metrics, samples, checkpoints, evaluation [runs/thinktuning; --eval: runs/eval-MODEL]")
     a("--resume", metavar="OUT", help="continue the run saved in OUT (its settings; flags given here override)")
     a("--micro-batch", type=int, default=8, help="rows per forward/backward (memory only; lower it if memory runs out)")
     a("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -713,11 +721,15 @@ def check_args(args):
                         f"(--prompts-per-step x --group-size)")
     for name in ("steps", "prompts_per_step", "max_new_tokens", "teacher_max_new_tokens", "micro_batch",
                  "eval_samples", "eval_batch_size", "save_every", "eval_limit", "eval_max_new_tokens",
-                 "eval_every_limit"):
+                 "eval_every_limit", "schedule_steps", "max_prompt_len", "teacher_max_prompt_len", "teacher_text_max"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
-    if args.eval_every < 0:
-        raise UserError(f"--eval-every {args.eval_every}: use a number of steps, or 0 for never")
+    for name in ("eval_every", "log_samples", "kl_beta", "eval_temperature"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 0 (0: off)")
+    if not 0 < args.clip_eps < 1 or args.dual_clip <= 1:
+        raise UserError("--clip-eps must be in (0, 1) and --dual-clip > 1 (the paper: 0.2 and 3; at c <= 1 the dual "
+                        "clip stops every gradient of a negative advantage)")
     if args.lr <= 0 or args.weight_decay < 0 or args.grad_clip <= 0:
         raise UserError("--lr and --grad-clip must be > 0 and --weight-decay >= 0")
     if args.eval is not None and not [n for n in args.eval.split(",") if n.strip()]:
@@ -728,6 +740,11 @@ def check_args(args):
         raise UserError("--temperature must be > 0 and --top-p in (0, 1]")
     if args.eval_samples > 1 and args.eval_temperature <= 0:
         raise UserError("--eval-samples > 1 needs --eval-temperature > 0 (greedy samples would all be equal)")
+    if args.eval_temperature > 0 and args.eval_samples == 1:
+        raise UserError("--eval-temperature applies to --eval-samples > 1 (one sample is greedy): add --eval-samples")
+    if args.out is None:  # evaluation gets a folder of its own, named after the model
+        name = os.path.basename(os.path.normpath(args.model or "model")) or "model"
+        args.out = f"runs/eval-{name}" if args.eval and not args.resume else "runs/thinktuning"
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -1706,6 +1723,9 @@ class MasterAdamW:
         return {"optimizer": self.opt.state_dict(), "master": self.master if self.separate() else None}
 
     def load_state_dict(self, saved):
+        if [tuple(s["exp_avg"].shape) for s in saved["optimizer"]["state"].values()] != [m.shape for m in self.master]:
+            raise UserError("the checkpoint's trainer_state.pt belongs to a model of another shape than its weights: "
+                            "start a new run from the weights with --model CKPT --out ANOTHER")
         self.opt.load_state_dict(saved["optimizer"])
         if saved["master"] is not None and self.separate():
             with torch.no_grad():
@@ -1784,22 +1804,37 @@ def check_out_folder(args, ckpt, resuming):
                         f"or choose another --out")
     for name in ("metrics.jsonl", "samples.jsonl") if not resuming else ():
         path = os.path.join(args.out, name)
-        if os.path.exists(path):
-            os.replace(path, path + ".aborted")
-            print(f"note: {path}: logs of a run that saved no checkpoint, kept as {name}.aborted")
+        if os.path.exists(path):  # .aborted, .aborted.2, ...: an earlier aborted run's logs are kept too
+            kept = next(f"{path}.aborted{f'.{i}' if i > 1 else ''}" for i in range(1, 10**6)
+                        if not os.path.exists(f"{path}.aborted{f'.{i}' if i > 1 else ''}"))
+            os.replace(path, kept)
+            print(f"note: {path}: logs of a run that saved no checkpoint, kept as {os.path.basename(kept)}")
+
+
+HELD = {}  # run folder -> its open lock file; main lets go of them when it returns
 
 
 def writable_folder(out):
-    """Make `out` (a folder) or say in one line why it cannot be written, before any model is loaded."""
+    """Make `out` (a folder) or say in one line why it cannot be written, before any model is loaded; then hold it:
+    an exclusive lock on OUT/.lock keeps a second training, --eval or --report out. The system drops the lock when
+    the process ends, so a crashed run leaves nothing stuck."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--out {out} is a file, not a folder: choose another --out")
+    key = os.path.realpath(out)
     try:
         os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, ".write_test"), "w"):
-            pass
-        os.remove(os.path.join(out, ".write_test"))
+        lock = HELD.get(key) or open(os.path.join(out, ".lock"), "a")
     except OSError as e:
-        raise UserError(f"cannot write in --out {out} ({first_line(e)}): choose another --out")
+        raise UserError(f"cannot write in {out} ({first_line(e)}): choose another --out (to resume or report a "
+                        f"read-only run, copy its folder somewhere writable first)")
+    if fcntl is not None and key not in HELD:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.close()
+            raise UserError(f"{out} is in use by another thinktuning.py process (training, --eval or --report): "
+                            f"wait for it to end, or choose another --out")
+    HELD[key] = lock
 
 
 def looks_loadable(name):
@@ -1908,20 +1943,30 @@ def print_plan(run, n_problems, skipped, prompt_width):
     if isinstance(run.teacher, TeacherServer):
         print(f"teacher: {run.teacher.model} at {run.teacher.url} (no teacher weights on {args.device})")
     print(f"student {n_params / 1e6:.0f}M parameters, {args.dtype} on {args.device}; memory estimate: "
-          f"{(trained + frozen) / 1e9:.1f} GB always (weights{masters}, AdamW state, {frozen / 1e9:.1f} GB frozen "
-          f"teacher/reference), plus the largest of " + ", ".join(f"{b / 1e9:.1f} GB {k}" for k, b in phases.items())
-          + f" (gradient checkpointing {'on' if args.grad_ckpt else 'off'}): about {peak / 1e9:.0f} GB at the peak")
+          f"{fmt_bytes(trained + frozen)} always (weights{masters}, AdamW state, {fmt_bytes(frozen)} frozen "
+          f"teacher/reference), plus the largest of " + ", ".join(f"{fmt_bytes(b)} {k}" for k, b in phases.items())
+          + f" (gradient checkpointing {'on' if args.grad_ckpt else 'off'}): about {fmt_bytes(peak)} at the peak")
     free = shutil.disk_usage(args.out).free
-    print(f"checkpoints: about {trained / 1e9:.1f} GB each (model, AdamW state{masters}; a save writes the new "
-          f"one before deleting the old), {free / 1e9:.0f} GB free in {args.out}")
+    print(f"checkpoints: about {fmt_bytes(trained)} each (model, AdamW state{masters}; a save writes the new "
+          f"one before deleting the old), {fmt_bytes(free)} free in {args.out}")
     if free < trained and not args.ignore_disk:
-        raise UserError(f"{free / 1e9:.1f} GB free in {args.out}, a checkpoint needs {trained / 1e9:.1f} GB: free some "
+        raise UserError(f"{fmt_bytes(free)} free in {args.out}, a checkpoint needs {fmt_bytes(trained)}: free some "
                         f"space, choose another --out, or start anyway with --ignore-disk")
     if args.device.startswith("cuda"):
-        total = torch.cuda.get_device_properties(torch.device(args.device)).total_memory
-        if peak > 0.95 * total:
-            print(f"note: that is more than this GPU's {total / 1e9:.0f} GB can hold; lower --prompts-per-step or "
-                  f"--max-new-tokens (or --teacher-max-prompt-len)")
+        total, what = torch.cuda.get_device_properties(torch.device(args.device)).total_memory, "this GPU's"
+    else:  # the CPU: the machine's memory
+        total, what = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's"
+    if peak > 0.95 * total:
+        print(f"note: that is more than {what} {fmt_bytes(total)} can hold; lower --prompts-per-step or "
+              f"--max-new-tokens (or --teacher-max-prompt-len)")
+
+
+def fmt_bytes(n_bytes):
+    """Bytes for a person: '1.6 GB', '301 MB', '12 kB'."""
+    for unit, name in ((1e9, "GB"), (1e6, "MB"), (1e3, "kB")):
+        if n_bytes >= unit:
+            return f"{n_bytes / unit:.{1 if unit == 1e9 else 0}f} {name}"
+    return f"{n_bytes:.0f} bytes"
 
 
 # ------------------------------------------------------------------------------------------------ logs
@@ -2036,9 +2081,9 @@ def save_checkpoint(out, model, tok, state):
         torch.save(state, os.path.join(tmp, "trainer_state.pt"))
     except Exception as e:  # a full disk, say (torch and safetensors raise their own errors, not OSError)
         shutil.rmtree(tmp, ignore_errors=True)  # the last checkpoint stays: the folder can be resumed from it
-        kept = "the previous checkpoint is intact" if os.path.exists(final) else "no checkpoint was written yet"
-        raise UserError(f"could not save a checkpoint in {out} ({first_line(e)}); {kept}: free some space and "
-                        f"continue with --resume {out}")
+        how = (f"the previous checkpoint is intact: free some space and continue with --resume {out}"
+               if os.path.exists(final) else "no checkpoint was written yet: free some space and start again")
+        raise UserError(f"could not save a checkpoint in {out} ({first_line(e)}); {how}")
     if os.path.exists(final):
         shutil.rmtree(old, ignore_errors=True)
         os.rename(final, old)
@@ -2058,14 +2103,33 @@ def truncate_logs(out, step):
                 f.writelines(json.dumps(r) + "\n" for r in rows if r.get("step", 0) <= step)
 
 
+def given_flags(parser, argv):
+    """The dests of the flags written on this command line."""
+    return {a.dest for a in parser._actions for tok in argv if tok.split("=")[0] in a.option_strings}
+
+
+def check_modes(given):
+    """Refuse flags that another mode would silently ignore."""
+    if {"eval", "compare"} <= given:
+        raise UserError("--eval evaluates and --compare only reads eval.json files: run them one after the other")
+    extra = given - {"report", "compare"} if "report" in given else given - {"compare"} if "compare" in given else ()
+    if extra:
+        mode = "--report draws a page from a run folder" if "report" in given else "--compare reads eval.json files"
+        raise UserError(f"{mode}; it ignores --{', --'.join(sorted(f.replace('_', '-') for f in extra))}: drop them")
+
+
 def resume_args(parser, argv):
     """--resume OUT: the saved settings of that run, overridden by the flags given on this command line."""
     args = parser.parse_args(argv)
     path = os.path.join(args.resume, "args.json")
     if not os.path.exists(path):
         raise UserError(f"--resume {args.resume}: no args.json there (is it the --out folder of a run?)")
-    given = {a.dest for a in parser._actions for tok in argv if tok.split("=")[0] in a.option_strings}
+    given = given_flags(parser, argv)
     saved = json.load(open(path))
+    if "model" in given and saved.get("model") not in (None, args.model) and looks_loadable(saved["model"]):
+        raise UserError(f"--resume {args.resume} was trained from {saved['model']}, which is its teacher and KL "
+                        f"reference; --model {args.model} would swap them: drop --model (pass it only when "
+                        f"{saved['model']} has moved)")
     merged = {**saved, **{k: v for k, v in vars(args).items() if k in given}}
     if "out" in given and os.path.normpath(args.out) != os.path.normpath(args.resume):
         raise UserError(f"--resume {args.resume} continues in that folder; --out {args.out} cannot move it "
@@ -2089,6 +2153,8 @@ PAPER = {"math500": (45.46, 47.54), "gpqa": (24.19, 28.18)}
 
 def load_benchmark(name, limit=None):
     """[{'question', 'gold'}] for a benchmark name, a Hub dataset or a local file with the same fields."""
+    if name not in BENCHMARKS and not os.path.exists(name) and name.endswith((".jsonl", ".json", ".parquet")):
+        raise UserError(f"{name}: no such file")
     if name not in BENCHMARKS and not os.path.exists(name) and "/" not in name:
         raise UserError(f"unknown benchmark {name!r}: use {', '.join(BENCHMARKS)}, a Hub dataset or a local file")
     try:
@@ -2182,25 +2248,28 @@ def run_eval(args):
     labels = eval_labels([n.strip() for n in args.eval.split(",") if n.strip()])
     sets = {label: load_benchmark(name, args.eval_limit) for name, label in labels.items()}
     writable_folder(args.out)
+    json_path, samples_path = os.path.join(args.out, "eval.json"), os.path.join(args.out, "eval_samples.jsonl")
+    model_id = os.path.abspath(args.model) if os.path.exists(args.model) else args.model
+    kept = read_json(json_path).get("results") or {}  # earlier results of this model for other benchmarks stay
+    others = {r.get("model") for r in kept.values()} - {model_id}
+    if others:  # one model per folder: results of two models side by side would be read as one run's
+        raise UserError(f"{json_path} holds results of {', '.join(map(str, others))}: evaluate {model_id} into "
+                        f"another --out (without --out: runs/eval-MODEL)")
     tok = load_tokenizer(args.model)
     model = load_model(args.model, args, trainable=False)
     how = Sampling(stop_ids(tok, model), pad_token_id(tok), args.eval_max_new_tokens or args.max_new_tokens,
                    args.eval_temperature, 1.0, args.fast, batch=args.eval_batch_size * args.eval_samples)
     results, all_preds = {}, []
-    for name, items in sets.items():
-        results[name], preds = evaluate(model, tok, items, how, args.eval_samples, desc=name)
-        all_preds += [{"benchmark": name, **p} for p in preds]
-    # earlier results in OUT for other benchmarks are kept; the ones evaluated again are replaced
-    json_path, samples_path = os.path.join(args.out, "eval.json"), os.path.join(args.out, "eval_samples.jsonl")
-    made = {"model": os.path.abspath(args.model) if os.path.exists(args.model) else args.model,
-            "samples": args.eval_samples, "temperature": args.eval_temperature if args.eval_samples > 1 else 0.0,
+    for (name, label), items in zip(labels.items(), sets.values()):
+        results[label], preds = evaluate(model, tok, items, how, args.eval_samples, desc=label)
+        all_preds += [{"benchmark": label, **p} for p in preds]
+        content = json.dumps([[it["question"], it["gold"]] for it in items]).encode()  # what --compare pairs on
+        results[label].update(data=os.path.abspath(name) if os.path.exists(name) else name,
+                              data_sha256=hashlib.sha256(content).hexdigest()[:16])
+    made = {"model": model_id, "samples": args.eval_samples, "temperature": args.eval_temperature if args.eval_samples > 1 else 0.0,
             "max_new_tokens": how.max_new, "limit": args.eval_limit}
     for r in results.values():  # each result says how it was made: a folder may hold results of several calls
         r.update(made)
-    kept = read_json(json_path).get("results") or {}
-    if any(r.get("model") != made["model"] for b, r in kept.items() if b not in results):
-        print(f"note: {json_path} keeps results of another model for {', '.join(b for b in kept if b not in results)}"
-              f" (each result names its model)")
     kept_preds = [json.dumps(p) + "\n" for p in read_jsonl(samples_path) if p.get("benchmark") not in results]
     with open(json_path, "w") as f:
         json.dump({**made, "results": {**kept, **results}}, f, indent=1)
@@ -2236,6 +2305,12 @@ def paired_test(samples_a, samples_b, benchmark):
     both = a.keys() & bb.keys()
     b, c = sum(a[i] and not bb[i] for i in both), sum(bb[i] and not a[i] for i in both)
     return len(both), b, c, mcnemar_exact(b, c)
+
+
+def same_data(ra, rb):
+    """Whether two results evaluated the same questions and golds (the content hash in eval.json; files written
+    before it was recorded are taken to match)."""
+    return ra.get("data_sha256") == rb.get("data_sha256")
 
 
 def acc_cell(r):
@@ -2282,6 +2357,11 @@ def compare_runs(folders):
     first, *rest = runs
     for b in names:
         for name in rest:
+            ra, rb = runs[first][0].get(b, {}), runs[name][0].get(b, {})
+            if ra and rb and not same_data(ra, rb):
+                lines.append(f"{b}, {name} against {first}: not paired, they evaluated different data "
+                             f"({ra.get('data')} and {rb.get('data')}: the content differs)")
+                continue
             n, x, y, p = paired_test(runs[first][1], runs[name][1], b)
             if n:
                 lines.append(f"{b}, {name} against {first}: {n} questions paired, {x} right only in {first}, "
@@ -2408,7 +2488,8 @@ def compare_section(folders):
     rows = []
     for b in dict.fromkeys(b for _, (res, _, _) in runs for b in res):
         for i, (name, (res, preds, _)) in enumerate(runs):
-            n, x, y, p = paired_test(runs[0][1][1], preds, b) if i else (0, 0, 0, None)
+            paired = i and b in res and same_data(runs[0][1][0].get(b, {}), res[b])
+            n, x, y, p = paired_test(runs[0][1][1], preds, b) if paired else (0, 0, 0, None)
             cmp = [n, x, y, f"{p:.3g}"] if i and n else ["-"] * 4
             rows.append([b, name, acc_cell(res[b]) if b in res else "-", *cmp])
     first = runs[0][0]
@@ -2549,11 +2630,15 @@ def main(argv=None):
             return print_exercise(args.exercise) or 0
         if args.resume:
             args = resume_args(parser, argv)
+        check_modes(given_flags(parser, argv))
         check_args(args)
         folders = [f.strip() for f in (args.compare or "").split(",") if f.strip()]
+        if args.compare is not None and not folders:
+            raise UserError(f"--compare {args.compare!r} names no run folder: use --compare A,B")
         if args.report:
             if not os.path.isdir(args.report):
                 raise UserError(f"--report {args.report}: no such run folder")
+            writable_folder(args.report)
             print(f"wrote {write_report(args.report, [f for f in folders if f != args.report])}")
         elif args.compare:
             compare_runs(folders)
@@ -2565,12 +2650,15 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\nstopped at once (second Ctrl-C): nothing saved since the last checkpoint", file=sys.stderr)
+        print("\nstopped by Ctrl-C: nothing saved since the last checkpoint", file=sys.stderr)
         return 130
     except torch.cuda.OutOfMemoryError:
         print("error: out of GPU memory: lower --micro-batch (update), or --prompts-per-step, --max-new-tokens "
               "or --eval-batch-size (sampling)", file=sys.stderr)
         return 3
+    finally:
+        while HELD:  # let go of the run folders
+            HELD.popitem()[1].close()
     return 0
 
 
