@@ -2974,9 +2974,9 @@ def test_first_save_failing_does_not_suggest_resume(model_dirs, train_file, tmp_
     assert one_line_error(capsys, "no checkpoint was written yet: free some space and start again")
 
 
-def test_misspelled_eval_file_is_no_such_file(model_dirs, tmp_path, capsys):
-    assert run(["--model", model_dirs["bigram"], "--eval", tmp_path / "heldot.jsonl", "--device", "cpu",
-                "--out", tmp_path / "e"]) == 2
+def test_misspelled_eval_file_is_no_such_file(model_dirs, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a file name without a folder, as typed
+    assert run(["--model", model_dirs["bigram"], "--eval", "heldot.jsonl", "--device", "cpu", "--out", "e"]) == 2
     assert one_line_error(capsys, "heldot.jsonl: no such file")
 
 
