@@ -1586,12 +1586,12 @@ def test_master_adamw_chunked_step_matches_plain_adamw(tok, dtype):
     ps, master = optim.params, optim.master
     assert optim.separate() == (dtype == torch.bfloat16) and master[0].dtype == torch.float32
     g = torch.Generator().manual_seed(0)
-    for _ in range(2):
+    for scale, clipped in ((0.002, False), (0.05, True)):  # below the clip (the scale is capped at 1), then above
         for p, r in zip(params, ref):
-            p.grad = (torch.randn(p.shape, generator=g) * 0.05).to(dtype)
+            p.grad = (torch.randn(p.shape, generator=g) * scale).to(dtype)
             r.grad = p.grad.float().clone()  # a copy: the clip below scales it in place
         ref_norm = torch.nn.utils.clip_grad_norm_(ref, 1.0)
-        assert ref_norm > 1.5  # the clip is active
+        assert (ref_norm > 1.5 if clipped else ref_norm < 0.5)  # the clip is active only in the second step
         ref_opt.step()
         norm, ok = optim.step(1.0, chunk=3000)  # many chunks
         assert ok and norm == pytest.approx(ref_norm.item(), rel=1e-5)
@@ -2999,3 +2999,75 @@ def test_print_plan_sizes_and_cpu_memory_warning(tok, tmp_path, monkeypatch, cap
         tt.print_plan(run_, 10, 0, prompt_width=64)
         out = capsys.readouterr().out
         assert ("more than this machine's" in out) == warned and "checkpoints: about 301 kB each" in out
+
+
+
+# --------------------------------------------------------------------------------------------- mutants the suite missed
+def test_extract_answer_takes_the_last_answer_block():
+    assert tt.extract_answer("<answer>3</answer> No, I was wrong. <answer>5</answer>") == "5"
+    assert tt.grade("<answer>3</answer> No, I was wrong. <answer>5</answer>", "5")
+
+
+def test_answers_match_unordered_lists_use_each_element_once():
+    assert tt.answers_match("3, 2", "2, 3") and tt.answers_match("2, 3, 2", "2, 2, 3")
+    assert not tt.answers_match("2, 2", "2, 3") and not tt.grade("\\boxed{2, 2}", "2, 3")
+    assert not tt.answers_match("3, 3, 2", "2, 2, 3")
+
+
+def test_guide_ends_the_splice_with_the_rollouts_own_stop_token(tok, teacher_server):
+    # two stop ids, as Llama 3's <|eot_id|> and <|end_of_text|>: the rollout ended with the one that is not the
+    # tokenizer's EOS, and the spliced text ends with that same token
+    dot, w1 = tok.convert_tokens_to_ids(["." , "w1"])
+    r = rollout([w1, dot])
+    server = tt.TeacherServer(teacher_server.url + "/chat/completions", "m", 24, 5.0)
+    records = tt.guide([r], [0], SimpleNamespace(tok=tok, args=SimpleNamespace(teacher_text_max=512), teacher=server))
+    assert records[0]["passed"] and r.guided and r.n_student == 1
+    assert r.response[0] == w1 and r.response[-1] == dot and tok.eos_token_id not in r.response
+
+
+def _recorded_update(tok, rollouts, monkeypatch, micro_batch=8):
+    """update() on a fresh tiny model; returns the model and the rollouts each micro-batch loss saw."""
+    model, seen = make_model(tok, seed=3), []
+    args = SimpleNamespace(minibatches=2, temperature=1.0, clip_eps=0.2, dual_clip=3.0, kl_beta=0.0, grad_clip=1.0,
+                           micro_batch=micro_batch, guide_teacher_tokens_only=False)
+    real = tt.micro_batch_loss
+    monkeypatch.setattr(tt, "micro_batch_loss", lambda m, rows, a: seen.append(list(rows)) or real(m, rows, a))
+    tt.score_old(model, None, rollouts, args)
+    optim = tt.MasterAdamW(model, 1e-3, 0.0)
+    return model, optim, tt.update(model, rollouts, optim, args, random.Random(7)), seen
+
+
+def test_update_shuffles_rollouts_across_mini_batches(tok, monkeypatch):
+    rollouts = [rollout([20 + i, 1], adv=1.0 if i % 2 else -1.0) for i in range(8)]
+    _, _, _, seen = _recorded_update(tok, rollouts, monkeypatch)
+    order = list(range(8))
+    random.Random(7).shuffle(order)  # the same draw the update makes with its rng
+    want = [{rollouts[i].response[0] for i in order[:4]}, {rollouts[i].response[0] for i in order[4:]}]
+    assert [{r.response[0] for r in rows} for rows in seen] == want and want[0] != {20, 21, 22, 23}
+
+
+def test_update_skipped_for_a_non_finite_loss_keeps_no_gradient(tok, monkeypatch):
+    # one mini-batch of 4 rows in micro-batches of 2: the first is finite and back-propagated, the second (the
+    # longer rows: micro-batches go by length) is not, so the update is skipped and no gradient may remain
+    rollouts = [rollout([20, 1], adv=1.0), rollout([21, 1], adv=-1.0), rollout([22, 23, 24, 1], adv=1.0),
+                rollout([25, 26, 27, 1], adv=-1.0)]
+    before = [p.detach().clone() for p in make_model(tok, seed=3).parameters()]
+    monkeypatch.setattr(tt, "score_old", lambda *a: None)
+    for r in rollouts:
+        r.old_logp = torch.full((len(r.response),), float("nan") if len(r.response) == 4 else -3.0)
+    args = SimpleNamespace(minibatches=1, temperature=1.0, clip_eps=0.2, dual_clip=3.0, kl_beta=0.0, grad_clip=1.0,
+                           micro_batch=2, guide_teacher_tokens_only=False)
+    model = make_model(tok, seed=3)
+    optim = tt.MasterAdamW(model, 1e-3, 0.0)
+    stats = tt.update(model, rollouts, optim, args, random.Random(0))
+    assert stats["skipped_updates"] == 1 and all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+def test_evaluate_never_counts_a_truncated_answer(tok):
+    # the bigram model writes CHAIN; cut after "}" (13 tokens) its text holds \boxed{5} but no stop token
+    model = make_bigram_model(tok)
+    summary, preds = tt.evaluate(model, tok, [{"question": "w1 is", "gold": "5"}], tt.Sampling([tok.eos_token_id],
+                                 tok.pad_token_id, 13, batch=1))
+    assert preds[0]["response"].endswith("\\boxed{5}") and not preds[0]["finished"] and preds[0]["extracted"] == "5"
+    assert not preds[0]["correct"] and summary["accuracy"] == 0 and summary["truncated_pct"] == 100
