@@ -30,7 +30,16 @@ import torch  # noqa: E402
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers  # noqa: E402
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast  # noqa: E402
 
-import thinktuning as tt  # noqa: E402
+# Grading a class: THINKTUNING_FILE=path/to/a/student's/thinktuning.py tests that file instead of the neighbour
+# (python test_thinktuning.py --grade FILES... runs the exercises' tests on each and prints a table; README).
+GRADING = os.environ.get("THINKTUNING_FILE")
+if GRADING:
+    import importlib.util  # noqa: E402
+    _spec = importlib.util.spec_from_file_location("thinktuning", GRADING)
+    tt = sys.modules["thinktuning"] = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(tt)
+else:
+    import thinktuning as tt  # noqa: E402
 
 # One thread: tiny models gain nothing from a second one, and on a busy 2-core machine two threads wait on
 # each other (measured: the learning tests took 75 s with two threads, 10 s with one).
@@ -74,7 +83,7 @@ def _stubs():
 def _skip_when_another_exercise_is_a_stub(request):
     stubs = _stubs()
     name = request.node.originalname
-    if not stubs or "end_to_end" in name:
+    if not stubs or "end_to_end" in name or GRADING:  # when grading, a test that needs an unwritten exercise fails
         return
     graph, seen, todo = _call_graph(), set(), [name]
     while todo:
@@ -444,7 +453,7 @@ def test_grade_fuzz_no_exceptions_and_bounded_time():
         for gold in ("1", "(1,2)", "B"):
             assert tt.grade(text, gold) in (True, False)
         worst = max(worst, (time.perf_counter() - t0) / 3)
-    assert worst < 0.25, f"slowest 100 kB grade took {worst:.3f} s"
+    assert worst < 1.0, f"slowest 100 kB grade took {worst:.3f} s"  # generous: a quadratic rule takes many seconds
 
 
 # --------------------------------------------------------------------------------------------- grader: symbolic equivalence
@@ -890,7 +899,8 @@ def test_grade_adversarial_inputs_are_fast():
         for gold in ("7", "x+1", "D", "(1,2)"):
             assert tt.grade(text, gold) in (True, False)
         worst = max(worst, (time.perf_counter() - t0) / 4)
-    assert worst < 0.05, f"slowest 100 kB grade took {worst * 1000:.1f} ms"
+    # typically ~10 ms; the bound is generous so that a busy machine passes, a quadratic rule (seconds) does not
+    assert worst < 0.5, f"slowest 100 kB grade took {worst * 1000:.1f} ms"
 
 
 def test_grade_hedge_pattern_is_linear_in_whitespace():
@@ -901,7 +911,7 @@ def test_grade_hedge_pattern_is_linear_in_whitespace():
             t0 = time.perf_counter()
             tt._HEDGE.search(text)
             took.append(time.perf_counter() - t0)
-        assert min(took) < 0.05  # linear: well under 1 ms; the quadratic pattern took seconds at this length
+        assert min(took) < 0.5  # linear: well under 1 ms; the quadratic pattern took seconds at this length
 
 
 # --------------------------------------------------------------------------------------------- advantages
@@ -3071,3 +3081,31 @@ def test_evaluate_never_counts_a_truncated_answer(tok):
                                  tok.pad_token_id, 13, batch=1))
     assert preds[0]["response"].endswith("\\boxed{5}") and not preds[0]["finished"] and preds[0]["extracted"] == "5"
     assert not preds[0]["correct"] and summary["accuracy"] == 0 and summary["truncated_pct"] == 100
+
+
+
+def grade_class(files):
+    """One row per submission: tests passed / selected per exercise, and the exercises fully passed."""
+    import tempfile
+    import xml.etree.ElementTree as ET
+    print("submission | " + " | ".join(tt.EXERCISES) + " | exercises passed")
+    for path in files:
+        xml = os.path.join(tempfile.mkdtemp(), "junit.xml")
+        subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__),
+                        "-k", " or ".join(tt.EXERCISES), f"--junitxml={xml}"], capture_output=True,
+                       env={**os.environ, "THINKTUNING_FILE": os.path.abspath(path), "HF_HUB_OFFLINE": "1"})
+        score = {e: [0, 0] for e in tt.EXERCISES}  # passed, selected
+        for case in ET.parse(xml).getroot().iter("testcase") if os.path.exists(xml) else ():
+            ex = next((e for e in tt.EXERCISES if case.get("name").startswith(f"test_{e}_")), None)
+            if ex:  # a failure, an error or a skip is no point
+                score[ex][0] += not any(c.tag in ("failure", "error", "skipped") for c in case)
+                score[ex][1] += 1
+        cells = [f"{p}/{n}" if n else "no tests ran" for p, n in score.values()]
+        full = sum(p == n > 0 for p, n in score.values())
+        print(f"{path} | " + " | ".join(cells) + f" | {full}/{len(tt.EXERCISES)}", flush=True)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["--grade"] or not sys.argv[2:]:
+        sys.exit("usage: python test_thinktuning.py --grade SUBMISSION/thinktuning.py [...]")
+    grade_class(sys.argv[2:])
