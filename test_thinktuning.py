@@ -3109,3 +3109,54 @@ if __name__ == "__main__":
     if sys.argv[1:2] != ["--grade"] or not sys.argv[2:]:
         sys.exit("usage: python test_thinktuning.py --grade SUBMISSION/thinktuning.py [...]")
     grade_class(sys.argv[2:])
+
+
+
+# --------------------------------------------------------------------------------------------- an instructor's trial
+def test_select_for_guidance_k_counts_finished_rollouts_and_floors():
+    # 10 rollouts, 7 finished, pct 0.25: k = max(1, floor(7 x 0.25 = 1.75)) = 1. From G: floor(2.5) = 2;
+    # ceil or round of 1.75: 2
+    finished = [True] * 7 + [False] * 3
+    for seed in range(20):
+        chosen = tt.select_for_guidance(finished, 10, 0.25, random.Random(seed))
+        assert len(chosen) == 1 and chosen[0] < 7
+
+
+def test_select_for_guidance_draws_without_replacement_from_its_rng():
+    # k = floor(10 x 0.5) = 5 distinct rollouts, drawn by the rng passed in (the global random plays no part)
+    for seed in range(30):
+        random.seed(seed)
+        chosen = tt.select_for_guidance([True] * 10, 10, 0.5, random.Random(seed))
+        random.seed(seed + 1000)
+        again = tt.select_for_guidance([True] * 10, 10, 0.5, random.Random(seed))
+        assert chosen == again == sorted(random.Random(seed).sample(range(10), 5)) and len(set(chosen)) == 5
+
+
+def make_bos_tokenizer():
+    """The test tokenizer, but one that puts BOS before any text it encodes (as Llama's does)."""
+    from tokenizers import processors
+    tk = make_tokenizer()
+    bos = tk.convert_tokens_to_ids("<|im_start|>")
+    tk._tokenizer.post_processor = processors.TemplateProcessing(single="<|im_start|> $A",
+                                                                 special_tokens=[("<|im_start|>", bos)])
+    return tk, bos
+
+
+def test_splice_never_adds_bos_and_ends_with_the_given_stop_token():
+    tk, bos = make_bos_tokenizer()
+    assert tk("checked")["input_ids"][0] == bos  # this tokenizer adds BOS by default
+    dot = tk.convert_tokens_to_ids(".")  # a second stop id, not the tokenizer's EOS
+    ids, n_student = tt.splice([5, 6, dot], "checked", "so 5", tk, dot)
+    assert ids == [5, 6] + tk.convert_tokens_to_ids(["checked", "so", "5"]) + [dot] and n_student == 2
+    assert bos not in ids
+
+
+def test_policy_loss_routes_on_the_current_p_and_counts_dual_clips_among_ppo_tokens():
+    # A = -1, guided: p = 0.05 now (>= 0.01: AAS, l = -A p / (p + gamma) = 0.05 / 0.04975), although its old p was
+    # 0.005 (< 0.01: a rule on the old p would send it to PPO, l = min(max(10, 1.2), 3) = 3). The unguided
+    # token has rho = 10: the dual clip holds it (l = 3); it is the only PPO token, so dual_clip_frac = 1.
+    logp = torch.log(torch.tensor([[0.05, 0.5]]))
+    old = torch.log(torch.tensor([[0.005, 0.05]]))
+    loss, st = tt.policy_loss(logp, old, torch.tensor([-1.0]), torch.ones(1, 2), torch.tensor([[1.0, 0.0]]))
+    assert loss.item() == pytest.approx((0.05 / (0.05 - 0.00025) + 3.0) / 2, rel=1e-5)
+    assert st["aas_tokens"] == 1 and st["dual_clip_frac"] == 1.0 and st["clip_frac"] == 0.0  # the dual clip, not eps
