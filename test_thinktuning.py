@@ -3024,7 +3024,7 @@ def test_answers_match_unordered_lists_use_each_element_once():
     assert not tt.answers_match("3, 3, 2", "2, 2, 3")
 
 
-def test_guide_ends_the_splice_with_the_rollouts_own_stop_token(tok, teacher_server):
+def test_guide_ends_with_the_rollouts_own_stop_token(tok, teacher_server):
     # two stop ids, as Llama 3's <|eot_id|> and <|end_of_text|>: the rollout ended with the one that is not the
     # tokenizer's EOS, and the spliced text ends with that same token
     dot, w1 = tok.convert_tokens_to_ids(["." , "w1"])

@@ -538,28 +538,25 @@ def update(model, rollouts, optim, args, rng):
     for mb in tqdm(range(args.minibatches), desc="update", leave=False):
         rows = [rollouts[i] for i in order[mb * size:(mb + 1) * size]]
         n_tokens = sum(len(r.response) for r in rows)  # every row counts, also those that cannot move weights
-        busy, idle = [], []
-        for r in rows:
-            (busy if moves_weights(r, args) else idle).append(r)
+        busy, loss_sum = by_length([r for r in rows if moves_weights(r, args)]), 0.0
+        idle = [r for r in rows if not moves_weights(r, args)]
         aas_idle += sum(int(guided_mask(r, args.guide_teacher_tokens_only).sum()) for r in idle)  # A = 0: all AAS
-        rows, finite, loss_sum = by_length(busy), True, 0.0
-        for k in range(0, len(rows), args.micro_batch):
-            loss, st, n = micro_batch_loss(model, rows[k:k + args.micro_batch], args)
-            if not torch.isfinite(loss):
-                finite = False
+        for k in range(0, len(busy), args.micro_batch):
+            loss, st, n = micro_batch_loss(model, busy[k:k + args.micro_batch], args)
+            if not torch.isfinite(loss):  # skip this update, keep training
+                optim.zero_grad()
+                skipped += 1
                 break
-            (loss * token_share(n, n_tokens)).backward()
+            share = token_share(n, n_tokens)
+            (loss * share).backward()
             stats.append(st)
-            loss_sum += loss.item() * token_share(n, n_tokens)
-        if not finite:  # skip this update, keep training
-            optim.zero_grad()
-            skipped += 1
-            continue
-        norm, ok = optim.step(args.grad_clip)  # also when no row could move the weights: weight decay applies
-        skipped += not ok
-        if ok:  # loss and gradient norm describe the mini-batches that stepped
-            norms.append(norm)
-            losses.append(loss_sum)
+            loss_sum += loss.item() * share
+        else:  # every micro-batch finite: step (also when no row could move the weights: weight decay applies)
+            norm, ok = optim.step(args.grad_clip)
+            skipped += not ok
+            if ok:  # loss and gradient norm describe the mini-batches that stepped
+                norms.append(norm)
+                losses.append(loss_sum)
     model.eval()
     mean = lambda key: nanmean([s[key] for s in stats if key in s])  # noqa: E731
     scored = sum(s["aas_scored"] for s in stats)  # the AAS weight is a mean over tokens, not over micro-batches
@@ -1153,15 +1150,14 @@ def _matrix(s):
 
 def _split_top(s):
     """Split on commas outside brackets and braces."""
-    parts, depth, cur = [], 0, ""
+    parts, depth = [""], 0
     for ch in s:
         depth += (ch in "([{") - (ch in ")]}")
         if ch == "," and depth == 0:
-            parts.append(cur)
-            cur = ""
+            parts.append("")
         else:
-            cur += ch
-    return parts + [cur]
+            parts[-1] += ch
+    return parts
 
 
 def _strip_parens(s):
@@ -1307,21 +1303,14 @@ def load_problems(spec, split="train"):
     return to_problems(_read_table(spec, split, HUB_CONFIGS.get(spec)), spec)
 
 
-def epoch_order(n, seed, epoch):
-    """A seeded shuffle of range(n), different for every epoch, so `cursor` alone says where training is."""
-    g = random.Random(seed * 100_003 + epoch)
-    order = list(range(n))
-    g.shuffle(order)
-    return order
-
-
 def next_questions(problems, seed, cursor, k):
-    """The k problems after position `cursor` in the endless, epoch-wise shuffled stream."""
+    """The k problems after position `cursor` in the endless stream that every epoch shuffles afresh (seeded, so
+    `cursor` alone says where training is)."""
     n, orders = len(problems), {}
     for e in range(cursor // n, (cursor + k - 1) // n + 1):
-        orders[e] = epoch_order(n, seed, e)
+        orders[e] = list(range(n))
+        random.Random(seed * 100_003 + e).shuffle(orders[e])
     return [problems[orders[(cursor + j) // n][(cursor + j) % n]] for j in range(k)]
-
 
 
 # ------------------------------------------------------------------------------------------------ models and tokenizers
@@ -1391,11 +1380,8 @@ def pad_token_id(tok):
 
 def stop_ids(tok, model):
     """The token ids that end a turn: the tokenizer's EOS plus any the model's generation config adds."""
-    ids = {tok.eos_token_id}
     extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids.update(extra if isinstance(extra, (list, tuple)) else [extra])
-    ids.discard(None)
-    return sorted(ids)
+    return sorted({tok.eos_token_id, *(extra if isinstance(extra, (list, tuple)) else [extra])} - {None})
 
 
 # ------------------------------------------------------------------------------------------------ the teacher server
@@ -1427,7 +1413,8 @@ def connect_teacher(args):
     base = args.teacher.rstrip("/").removesuffix("/chat/completions")
     key = os.environ.get("TEACHER_API_KEY")
     try:
-        listed = [m["id"] for m in http_json(base + "/models", key=key, timeout=min(30.0, args.teacher_timeout))["data"]]
+        models = http_json(base + "/models", key=key, timeout=min(30.0, args.teacher_timeout))
+        listed = [m["id"] for m in models["data"]]
     except Exception as e:
         raise UserError(f"--teacher {args.teacher}: no OpenAI-compatible server answers at {base}/models "
                         f"({first_line(e)}); start it, or check the URL (it ends in /v1) and $TEACHER_API_KEY")
@@ -1475,28 +1462,17 @@ def left_pad(seqs, pad_id, device, width=None):
     return ids.to(device), mask.to(device)
 
 
-def filter_top_p(logits, top_p):
-    """Nucleus filtering written the way transformers' TopPLogitsWarper does it, so both samplers agree."""
-    sorted_logits, order = torch.sort(logits, descending=False)
-    drop = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p
-    drop[..., -1:] = False  # always keep the most likely token
-    return logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-
-
 def pick_tokens(logits, temperature, top_p):
     """Next tokens from [B, V] float32 logits: greedy when temperature is 0, else the same draw as HF generate."""
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits / temperature
-    if top_p < 1:
-        logits = filter_top_p(logits, top_p)
+    if top_p < 1:  # nucleus filtering the way transformers' TopPLogitsWarper does it, so both samplers agree
+        sorted_logits, order = torch.sort(logits, descending=False)
+        drop = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p
+        drop[..., -1:] = False  # always keep the most likely token
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     return torch.multinomial(logits.softmax(-1), 1).squeeze(1)
-
-
-def _cache_kwarg(model):
-    """transformers renamed `past_key_values` to `cache` in 5.2x; accept both."""
-    import inspect
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def decode_attention(module, query, key, value, attention_mask, **kwargs):
@@ -1531,9 +1507,11 @@ def _static_decoder(model, batch, length, compile_step=None):
     """The static cache and decode step of `model` for this shape, made on first use (compiled on GPUs)."""
     key = (id(model), batch, length)
     if key not in _STATIC:
+        import inspect
         from transformers import StaticCache
         _use_decode_attention(model)
-        cache, kw = StaticCache(config=model.config, max_cache_len=length), _cache_kwarg(model)
+        cache = StaticCache(config=model.config, max_cache_len=length)
+        kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # 5.2x renamed it
 
         def step(tokens, positions, mask):  # [B, 1], [B, 1], [B, L] -> [B, V] float32
             return model(input_ids=tokens, position_ids=positions, attention_mask=mask, use_cache=True,
@@ -1613,10 +1591,8 @@ def generate_static(model, prompts, how, desc="sample"):
 # ------------------------------------------------------------------------------------------------ small helpers
 def right_pad(seqs, device, pad_id=0):
     """[N, L] ids of full sequences (prompt + response), padded at the end (any id: causal attention hides it)."""
-    ids = torch.full((len(seqs), max(len(s) for s in seqs)), pad_id, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
-    return ids.to(device)
+    rows = [torch.tensor(s, dtype=torch.long) for s in seqs]
+    return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=pad_id).to(device)
 
 
 def pad_rows(rows, width):
@@ -1653,10 +1629,8 @@ def read_jsonl(path):
     """The JSON objects of a jsonl file; [] when missing. A torn line (a run killed mid-write) is skipped."""
     rows = []
     for line in open(path, encoding="utf-8") if os.path.exists(path) else []:
-        try:
+        with contextlib.suppress(ValueError):
             rows.append(json.loads(line))
-        except ValueError:
-            pass
     return [r for r in rows if isinstance(r, dict)]
 
 
@@ -1750,7 +1724,6 @@ def start_run(args):
     tok = load_tokenizer(ckpt if resuming else args.model)
     teacher_tok = load_tokenizer(args.teacher) if args.teacher and local_teacher else tok  # local teachers only
     problems, skipped, prompt_width = tokenize_prompts(problems, tok, args)
-    # CPU first: RNG states must be CPU tensors; the optimizer moves its state to the parameters' device
     saved = load_trainer_state(ckpt) if resuming else None
     first_step = saved["step"] + 1 if saved else 1
     if first_step > args.steps:
@@ -1778,7 +1751,6 @@ def start_run(args):
               MasterAdamW(student, args.lr, args.weight_decay, fused=args.device.startswith("cuda")),
               problems, student_how, teacher_how, random.Random(args.seed),
               {"step": 0, "cursor": 0}, eval_items)
-    run.state["py_rng"] = run.rng.getstate()
     if saved:
         restore(run, saved)
     with open(os.path.join(args.out, "args.json"), "w") as f:
@@ -1901,9 +1873,8 @@ def activation_bytes(cfg, tokens, itemsize, checkpointed):
     a Qwen2.5-1.5B-shaped update on an H100, README). Gradient checkpointing keeps only each layer's input, plus one
     layer's activations while it is recomputed."""
     layer = 12 * cfg.hidden_size + 3 * mlp_width(cfg)
-    if checkpointed:
-        return (cfg.num_hidden_layers * cfg.hidden_size + layer) * itemsize * tokens
-    return cfg.num_hidden_layers * layer * itemsize * tokens
+    kept = cfg.num_hidden_layers * cfg.hidden_size + layer if checkpointed else cfg.num_hidden_layers * layer
+    return kept * itemsize * tokens
 
 
 def memory_estimate(run, prompt_width):
@@ -2004,9 +1975,8 @@ def step_metrics(run, step, rollouts, record):
 
 def sample_record(run, step, r):
     """A rollout for samples.jsonl; a guided one also token by token, with p and its AAS weight p / d."""
-    tok = run.tok
     rec = {"step": step, "question": r.question, "gold": r.gold, "reward": r.reward, "adv": r.adv,
-           "guided": r.guided, "student": tok.decode(r.response[:r.n_student], skip_special_tokens=True),
+           "guided": r.guided, "student": run.tok.decode(r.response[:r.n_student], skip_special_tokens=True),
            "teacher": r.teacher_text}
     if r.guided:
         g = guided_mask(r, run.args.guide_teacher_tokens_only).bool()  # [T]
@@ -2014,7 +1984,7 @@ def sample_record(run, step, r):
         p = r.old_logp.cpu().exp() if r.old_logp is not None else torch.ones(len(r.response))  # [T]
         weight = p / aas_d(p, A)  # [T]; exactly 1 where A = 0 (then p is not scored)
         use = g & ~((A < 0) & (p < 0.01))  # the routing of policy_loss
-        rec.update(tokens=[tok.decode([i]) for i in r.response], n_student=r.n_student,
+        rec.update(tokens=[run.tok.decode([i]) for i in r.response], n_student=r.n_student,
                    p=[float(f"{x:.4g}") for x in p.tolist()] if r.old_logp is not None else None,
                    weight=[float(f"{w:.4g}") if u else None for w, u in zip(weight.tolist(), use.tolist())])
     return rec
@@ -2030,11 +2000,9 @@ def log_step(run, step, rollouts, record):
     with open(os.path.join(run.args.out, "metrics.jsonl"), "a") as f:
         f.write(json.dumps({k: None if v != v else v for k, v in row.items()}) + "\n")  # NaN -> null
     shown = ([r for r in rollouts if r.guided] + [r for r in rollouts if not r.guided])[:run.args.log_samples]
+    entries = [sample_record(run, step, r) for r in shown] + [{"step": step, **rep} for rep in record["replies"]]
     with open(os.path.join(run.args.out, "samples.jsonl"), "a") as f:
-        for r in shown:
-            f.write(json.dumps(sample_record(run, step, r)) + "\n")
-        for rep in record["replies"]:
-            f.write(json.dumps({"step": step, **rep}) + "\n")
+        f.writelines(json.dumps(e) + "\n" for e in entries)
     return row
 
 
@@ -2042,8 +2010,7 @@ def release_teacher(run, step):
     print(f"guidance is over after step {step}: plain GRPO from here on, teacher memory freed")
     _forget_decoders(run.teacher)  # nothing to forget for a server
     run.teacher = None  # the last reference, unless the KL reference shares the weights
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    torch.cuda.empty_cache()  # a no-op where CUDA was never initialised
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints, Ctrl-C
@@ -2148,7 +2115,7 @@ BENCHMARKS = {"gsm8k": ("openai/gsm8k", "test", "main"),
               "aime25": ("math-ai/aime25", "test", None),
               "gpqa": ("Idavidrein/gpqa", "train", "gpqa_diamond")}
 # The paper's Table 1 (Llama-3.2-3B-Instruct, greedy pass@1, %): vanilla GRPO / ThinkTuning.
-PAPER = {"math500": (45.46, 47.54), "gpqa": (24.19, 28.18)}
+PAPER = {"math500": ("45.46", "47.54"), "gpqa": ("24.19", "28.18")}
 
 
 def load_benchmark(name, limit=None):
@@ -2191,9 +2158,7 @@ def evaluate(model, tok, items, how, k=1, desc="eval"):
                           "response": text, "extracted": extract_answer(text),
                           "correct": bool(f and grade(text, items[i]["gold"])), "finished": f, "length": len(r)})
     preds.sort(key=lambda p: (p["index"], p["sample"]))
-    correct = [0] * len(items)  # correct samples per question
-    for p in preds:
-        correct[p["index"]] += p["correct"]
+    correct = [sum(p["correct"] for p in preds[i * k:(i + 1) * k]) for i in range(len(items))]  # per question
     summary = {"n": len(items), "samples": k, "accuracy": 100 * sum(c / k for c in correct) / len(items),
                "mean_length": sum(p["length"] for p in preds) / len(preds),
                "truncated_pct": 100 * sum(not p["finished"] for p in preds) / len(preds),
@@ -2210,14 +2175,11 @@ EVAL_HEAD = ("benchmark|n|samples|accuracy % [95% CI]|pass@k %|mean length|trunc
 def eval_rows(results):
     """Per benchmark: n, samples, accuracy with its interval, pass@k, length, truncation, the share of answers with a
     reflection (REFLECTIVE: "wait", "let me check", "verify"...), the paper's Table 1."""
-    rows = []
-    for b, r in results.items():
-        pk = [f"{k} {v:.2f}" for k, v in r.items() if k.startswith("pass@") and num(v) is not None]
-        paper = [f"{x:.2f}" for x in PAPER[b]] if b in PAPER else ["-", "-"]
-        rows.append([b, r.get("n", "-"), r.get("samples", "-"), acc_cell(r), ", ".join(pk) or "-",
-                     f"{num(r.get('mean_length')) or 0:.0f}", f"{num(r.get('truncated_pct')) or 0:.1f}",
-                     "-" if num(r.get("reflective_pct")) is None else f"{r['reflective_pct']:.1f}", *paper])
-    return rows
+    return [[b, r.get("n", "-"), r.get("samples", "-"), acc_cell(r),
+             ", ".join(f"{k} {v:.2f}" for k, v in r.items() if k.startswith("pass@") and num(v) is not None) or "-",
+             f"{num(r.get('mean_length')) or 0:.0f}", f"{num(r.get('truncated_pct')) or 0:.1f}",
+             "-" if num(r.get("reflective_pct")) is None else f"{r['reflective_pct']:.1f}", *PAPER.get(b, ("-", "-"))]
+            for b, r in results.items()]
 
 
 def markdown(head, rows):
@@ -2259,22 +2221,20 @@ def run_eval(args):
     model = load_model(args.model, args, trainable=False)
     how = Sampling(stop_ids(tok, model), pad_token_id(tok), args.eval_max_new_tokens or args.max_new_tokens,
                    args.eval_temperature, 1.0, args.fast, batch=args.eval_batch_size * args.eval_samples)
-    results, all_preds = {}, []
+    made = {"model": model_id, "samples": args.eval_samples,  # also in each result: a folder may hold several calls
+            "temperature": args.eval_temperature if args.eval_samples > 1 else 0.0, "max_new_tokens": how.max_new,
+            "limit": args.eval_limit}
+    results, all_preds = {}, [p for p in read_jsonl(samples_path) if p.get("benchmark") not in labels.values()]
     for (name, label), items in zip(labels.items(), sets.values()):
         results[label], preds = evaluate(model, tok, items, how, args.eval_samples, desc=label)
         all_preds += [{"benchmark": label, **p} for p in preds]
         content = json.dumps([[it["question"], it["gold"]] for it in items]).encode()  # what --compare pairs on
         results[label].update(data=os.path.abspath(name) if os.path.exists(name) else name,
-                              data_sha256=hashlib.sha256(content).hexdigest()[:16])
-    made = {"model": model_id, "samples": args.eval_samples, "temperature": args.eval_temperature if args.eval_samples > 1 else 0.0,
-            "max_new_tokens": how.max_new, "limit": args.eval_limit}
-    for r in results.values():  # each result says how it was made: a folder may hold results of several calls
-        r.update(made)
-    kept_preds = [json.dumps(p) + "\n" for p in read_jsonl(samples_path) if p.get("benchmark") not in results]
+                              data_sha256=hashlib.sha256(content).hexdigest()[:16], **made)
     with open(json_path, "w") as f:
         json.dump({**made, "results": {**kept, **results}}, f, indent=1)
     with open(samples_path, "w") as f:
-        f.writelines(kept_preds + [json.dumps(p) + "\n" for p in all_preds])
+        f.writelines(json.dumps(p) + "\n" for p in all_preds)
     print(markdown(EVAL_HEAD, eval_rows(results)))
     print(f"wrote {write_report(args.out)}")
     return results
@@ -2291,8 +2251,6 @@ def wilson_interval(k, n, z=1.96):
 
 def mcnemar_exact(b, c):
     """Two-sided exact McNemar p: under no difference each discordant pair goes either way with chance 1/2."""
-    if b + c == 0:
-        return 1.0
     return min(1.0, 2 * sum(math.comb(b + c, i) for i in range(min(b, c) + 1)) / 2 ** (b + c))
 
 
@@ -2351,8 +2309,8 @@ def compare_runs(folders):
             made.append(f"{name} {b}: {r.get('model', ev.get('model', '?'))}, "
                         + {None: "whole benchmark", "?": "limit not recorded"}.get(limit, f"first {limit} items"))
     names = list(dict.fromkeys(b for res, _, _ in runs.values() for b in res))
-    rows = [[b, *[acc_cell(res[b]) if b in res else "-" for res, _, _ in runs.values()],
-             *([f"{x:.2f}" for x in PAPER[b]] if b in PAPER else ["-", "-"])] for b in names]
+    rows = [[b, *[acc_cell(res[b]) if b in res else "-" for res, _, _ in runs.values()], *PAPER.get(b, ("-", "-"))]
+            for b in names]
     lines = markdown("benchmark|" + "|".join(runs) + "|paper GRPO|paper ThinkTuning", rows).split("\n")
     first, *rest = runs
     for b in names:
@@ -2434,17 +2392,16 @@ def curves_section(rows):
     if not rows:
         return '<p class="note">No metrics.jsonl in this folder.</p>'
     steps = [num(r.get("step")) if num(r.get("step")) is not None else i for i, r in enumerate(rows)]
+    guided = [i for i, r in enumerate(rows) if (num(r.get("n_guided")) or 0) > 0]
     bands = []  # [first, last] step of each run of consecutive guided steps
-    for i, r in enumerate(rows):
-        if (num(r.get("n_guided")) or 0) > 0:
-            if bands and bands[-1][1] == steps[i - 1]:
-                bands[-1][1] = steps[i]
-            else:
-                bands.append([steps[i], steps[i]])
-    n_guided = sum((num(r.get("n_guided")) or 0) > 0 for r in rows)
+    for i in guided:
+        if bands and bands[-1][1] == steps[i - 1]:
+            bands[-1][1] = steps[i]
+        else:
+            bands.append([steps[i], steps[i]])
     charts = [line_chart(cid, title, steps, [(m, [num(r.get(m)) for r in rows]) for m in ms.split()], bands)
               for cid, title, ms in CHARTS]
-    return (f'<p class="note">{len(rows)} steps logged, {n_guided} with guided rollouts (shaded: the teacher\'s '
+    return (f'<p class="note">{len(rows)} steps logged, {len(guided)} with guided rollouts (shaded: the teacher\'s '
             f'feedback was spliced onto at least one rollout). Labels: min and max value (left), first and last step '
             f'(bottom).</p><div class="charts">{"".join(charts)}</div>')
 
@@ -2605,8 +2562,7 @@ def handout(names):
         lines = f.read().splitlines(keepends=True)
     nodes = {n.name: n for n in ast.parse("".join(lines)).body if isinstance(n, ast.FunctionDef)}
     for fn in sorted((nodes[n] for n in set(names)), key=lambda n: -n.lineno):  # bottom up: line numbers hold
-        has_doc = isinstance(fn.body[0], ast.Expr) and isinstance(fn.body[0].value, ast.Constant)
-        first = fn.body[1] if has_doc else fn.body[0]
+        first = fn.body[1] if ast.get_docstring(fn) is not None else fn.body[0]
         stub = " " * first.col_offset + f'raise NotImplementedError("exercise: write {fn.name} (README, Exercises)")\n'
         lines[first.lineno - 1:fn.end_lineno] = [stub]
     return "".join(lines)
