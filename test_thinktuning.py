@@ -1333,15 +1333,15 @@ def test_right_pad_layout(tok):
 
 
 # --------------------------------------------------------------------------------------------- samplers
-@pytest.mark.parametrize("temperature,top_p", [(0.0, 1.0), (1.0, 1.0), (0.7, 0.9)])
-def test_generate_static_matches_generate_plain(tok, temperature, top_p):
+@pytest.mark.parametrize("temperature", [0.0, 1.0, 0.7])
+def test_generate_static_matches_generate_plain(tok, temperature):
     model = make_model(tok, seed=3)
     prompts = [[0, 3, 9, 1, 0, 4], [0, 3, 10, 11, 12, 13, 14, 1, 0, 4], [0, 4]]
     stops = [tok.eos_token_id]
     torch.manual_seed(7)
-    plain = tt.generate_plain(model, prompts, tt.Sampling(stops, tok.pad_token_id, 12, temperature, top_p))
+    plain = tt.generate_plain(model, prompts, tt.Sampling(stops, tok.pad_token_id, 12, temperature))
     torch.manual_seed(7)
-    fast = tt.generate_static(model, prompts, tt.Sampling(stops, tok.pad_token_id, 12, temperature, top_p, batch=4, prompt_len=16))
+    fast = tt.generate_static(model, prompts, tt.Sampling(stops, tok.pad_token_id, 12, temperature, batch=4, prompt_len=16))
     cut = lambda rows: [tt.cut_at_stop(r, set(stops)) for r in rows]  # noqa: E731
     assert cut(plain) == cut(fast)
     if temperature > 0:
@@ -1350,16 +1350,16 @@ def test_generate_static_matches_generate_plain(tok, temperature, top_p):
 
 def test_generate_plain_ignores_the_checkpoints_sampling_defaults(tok):
     # a checkpoint's generation_config may carry top_k, min_p or a repetition penalty (many instruct models
-    # do); rollouts must come from the policy itself at --temperature / --top-p, as the fast path samples them
+    # do); rollouts must come from the policy itself at --temperature, as the fast path samples them
     model = make_model(tok, seed=3)
     model.generation_config.top_k, model.generation_config.min_p = 2, 0.3
     model.generation_config.repetition_penalty, model.generation_config.no_repeat_ngram_size = 1.5, 2
     prompts, stops = [[0, 3, 9, 1, 0, 4], [0, 4]], [tok.eos_token_id]
     for temperature in (1.0, 0.0):
         torch.manual_seed(5)
-        plain = tt.generate_plain(model, prompts, tt.Sampling(stops, tok.pad_token_id, 12, temperature, 1.0))
+        plain = tt.generate_plain(model, prompts, tt.Sampling(stops, tok.pad_token_id, 12, temperature))
         torch.manual_seed(5)
-        fast = tt.generate_static(model, prompts, tt.Sampling(stops, tok.pad_token_id, 12, temperature, 1.0, batch=2, prompt_len=8))
+        fast = tt.generate_static(model, prompts, tt.Sampling(stops, tok.pad_token_id, 12, temperature, batch=2, prompt_len=8))
         assert [tt.cut_at_stop(r, set(stops)) for r in plain] == [tt.cut_at_stop(r, set(stops)) for r in fast]
     assert model.generation_config.top_k == 2 and model.generation_config.min_p == 0.3  # handed back intact
 
@@ -1370,8 +1370,8 @@ def test_generate_static_without_any_padding(tok):
     model = make_model(tok, seed=3)
     prompts, stops = [[0, 3, 9, 1, 0, 4], [0, 3, 10, 11, 1, 4]], [tok.eos_token_id]
     for rows in (prompts[:1], prompts):
-        plain = tt.generate_plain(model, rows, tt.Sampling(stops, tok.pad_token_id, 12, 0.0, 1.0))
-        fast = tt.generate_static(model, rows, tt.Sampling(stops, tok.pad_token_id, 12, 0.0, 1.0, batch=len(rows), prompt_len=6))
+        plain = tt.generate_plain(model, rows, tt.Sampling(stops, tok.pad_token_id, 12, 0.0))
+        fast = tt.generate_static(model, rows, tt.Sampling(stops, tok.pad_token_id, 12, 0.0, batch=len(rows), prompt_len=6))
         assert fast == plain
 
 
@@ -1381,10 +1381,10 @@ def test_static_decoder_compiled_step_samples_as_generate_plain(tok):
     prompts, stops = [[0, 3, 9, 1, 0, 4], [0, 3, 10, 11, 12, 13, 14, 1, 0, 4], [0, 4]], [tok.eos_token_id]
     tt._static_decoder(model, 4, 16 + 12, compile_step=True)  # the entry generate_static will use
     torch.manual_seed(7)
-    plain = tt.generate_plain(model, prompts, tt.Sampling(stops, tok.pad_token_id, 12, 1.0, 1.0))
+    plain = tt.generate_plain(model, prompts, tt.Sampling(stops, tok.pad_token_id, 12, 1.0))
     for _ in range(2):  # the second call reuses the compiled step
         torch.manual_seed(7)
-        fast = tt.generate_static(model, prompts, tt.Sampling(stops, tok.pad_token_id, 12, 1.0, 1.0, batch=4, prompt_len=16))
+        fast = tt.generate_static(model, prompts, tt.Sampling(stops, tok.pad_token_id, 12, 1.0, batch=4, prompt_len=16))
         assert [tt.cut_at_stop(r, set(stops)) for r in fast] == [tt.cut_at_stop(r, set(stops)) for r in plain]
     assert tt._STATIC[(id(model), 4, 28)]["step"] is not tt._STATIC[(id(model), 4, 28)]["eager"]
 
@@ -1410,7 +1410,7 @@ def test_decode_attention_matches_repeated_kv(B, L, masked):
 def _decode_step_shapes(model, tok, B=2, P=8, new=3):
     """Shapes of every tensor in the graph(s) torch.compile captures from the fast path's one-token step."""
     prompts = [[0, 3, 9, 1, 0, 4], [0, 4]]
-    tt.generate_static(model, prompts, tt.Sampling([tok.eos_token_id], tok.pad_token_id, new, 0.0, 1.0, batch=B, prompt_len=P))
+    tt.generate_static(model, prompts, tt.Sampling([tok.eos_token_id], tok.pad_token_id, new, 0.0, batch=B, prompt_len=P))
     step = tt._static_decoder(model, B, P + new)["eager"]  # its cache now holds the prompts
     shapes = []
 
@@ -1450,10 +1450,10 @@ def test_release_static_cache_and_reuse(tok):
     model = make_model(tok, seed=4)
     prompts, stops = [[0, 3, 9, 1, 0, 4], [0, 4]], [tok.eos_token_id]
     torch.manual_seed(1)
-    first = tt.generate_static(model, prompts, tt.Sampling(stops, tok.pad_token_id, 10, 1.0, 1.0, batch=2, prompt_len=8))
+    first = tt.generate_static(model, prompts, tt.Sampling(stops, tok.pad_token_id, 10, 1.0, batch=2, prompt_len=8))
     tt._release(tt._static_decoder(model, 2, 18)["cache"])
     torch.manual_seed(1)
-    again = tt.generate_static(model, prompts, tt.Sampling(stops, tok.pad_token_id, 10, 1.0, 1.0, batch=2, prompt_len=8))
+    again = tt.generate_static(model, prompts, tt.Sampling(stops, tok.pad_token_id, 10, 1.0, batch=2, prompt_len=8))
     assert first == again
 
 
@@ -1614,7 +1614,7 @@ def test_generate_stops_at_eos_with_bigram_model(tok):
     model = make_bigram_model(tok)
     prompt = tt.render_chat(tok, [{"role": "user", "content": "w1 is 2 + 3"}])
     for fast in (False, True):
-        (resp,), (done,) = tt.generate(model, [prompt], tt.Sampling([tok.eos_token_id], tok.pad_token_id, 30, 0.0, 1.0, fast))
+        (resp,), (done,) = tt.generate(model, [prompt], tt.Sampling([tok.eos_token_id], tok.pad_token_id, 30, 0.0, fast))
         assert done and tok.convert_ids_to_tokens(resp) == CHAIN[1:]
 
 

@@ -28,7 +28,8 @@ Where this file departs from the paper or the authors' code (README, "Departures
   is clamped to [-20, 20] (as verl), so a teacher token's very low old log-prob cannot overflow the ratio.
 - 32 prompts per step by default, not 128: one GPU.
 Any OpenAI-compatible server can be the teacher (--teacher URL; README, "A teacher behind a server").
-Left out on purpose (README, "Left out on purpose"): several GPUs and vLLM for the student ("Beyond one GPU"), LoRA,
+Left out on purpose (README, "Left out on purpose"): several GPUs and vLLM for the student ("Beyond one GPU"),
+top-p below 1 (the loss scores the full distribution), LoRA,
 learning-rate schedules and warm-up, an entropy bonus, a computer algebra system in the grader (it compares
 expressions by evaluating them at random points instead), sharing the teacher's few-shot prefix cache.
 """
@@ -86,14 +87,13 @@ def build_parser():
       "copy of --model's initial weights (the paper's choice)")
     a("--no-teacher", action="store_true", help="vanilla GRPO: the paper's baseline, everything else equal")
     a("--train-data", default="openai/gsm8k", help="Hub dataset (GSM8K main train) or a local .jsonl/.json/.parquet")
-    # step size. Paper: 128 prompts x 5 for one epoch of GSM8K (~58 steps). One GPU: 32 prompts (160 rollouts).
+    # Paper: 58 steps of 128 prompts x 5, one epoch of GSM8K. Here 58 steps of 32 prompts: a quarter epoch.
     a("--steps", type=int, default=58, help="total training steps (counted from the start, also on --resume)")
     a("--prompts-per-step", type=int, default=32, help="B: questions per step (paper: 128; lowered for one GPU)")
     a("--group-size", type=int, default=5, help="G: rollouts per question (paper: 5)")
     a("--max-prompt-len", type=int, default=512, help="student prompt tokens; longer questions are skipped")
     a("--max-new-tokens", type=int, default=1024, help="student response tokens (paper: 1024)")
     a("--temperature", type=float, default=1.0, help="student sampling temperature (paper: 1.0)")
-    a("--top-p", type=float, default=1.0, help="student nucleus sampling (paper: 1.0)")
     a("--teacher-max-prompt-len", type=int, default=3072, help="teacher prompt tokens; longer queries stay unguided")
     a("--teacher-max-new-tokens", type=int, default=1024, help="teacher response tokens, greedy (paper: 1024)")
     a("--teacher-text-max", type=int, default=512,
@@ -212,7 +212,6 @@ class Sampling:
     pad_id: int
     max_new: int
     temperature: float = 1.0
-    top_p: float = 1.0
     fast: bool = False
     batch: int = None
     prompt_len: int = None
@@ -234,7 +233,7 @@ def generate_plain(model, prompts, how, desc="sample"):
     from transformers import GenerationConfig
     ids, mask = left_pad(prompts, how.pad_id, model.device)
     sample = how.temperature > 0
-    options = {"temperature": how.temperature, "top_p": how.top_p, "top_k": 0} if sample else {}  # 0: no cut
+    options = {"temperature": how.temperature, "top_p": 1.0, "top_k": 0} if sample else {}  # the full distribution
     config = GenerationConfig(max_new_tokens=how.max_new, do_sample=sample, eos_token_id=how.stops,
                               pad_token_id=how.pad_id, use_cache=True, **options)
     saved, model.generation_config = model.generation_config, GenerationConfig()
@@ -298,14 +297,14 @@ def parse_teacher(text):
     return parts[0].lower(), parts[1], parts[2]
 
 
-def splice(response, reason, phrase, tok, eos_id):
-    """Step 5: the student's response without its final EOS, then the teacher's reflection and continuation as
-    if the student had thought them, then EOS. The opinion is dropped. Returns (ids, student tokens kept).
-    Example: [s1, s2, EOS] with reason "Wait, 2 + 2 is 4." -> [s1, s2] + ids("\\n\\nWait, 2 + 2 is 4.\\n\\n" +
-    phrase) + [EOS], 2."""
+def splice(response, reason, phrase, tok, stop_id):
+    """Step 5: the student's response without its stop token, then the teacher's reflection and continuation as
+    if the student had thought them, then that same stop token (stop_id). The opinion is dropped. Returns (ids,
+    student tokens kept). Example: [s1, s2, EOS] with reason "Wait, 2 + 2 is 4." -> [s1, s2] +
+    ids("\\n\\nWait, 2 + 2 is 4.\\n\\n" + phrase) + [EOS], 2."""
     kept = response[:-1]  # the response is finished, so its last token is the stop token
     teacher_ids = tok("\n\n" + reason + "\n\n" + phrase, add_special_tokens=False)["input_ids"]
-    return kept + teacher_ids + [eos_id], len(kept)
+    return kept + teacher_ids + [stop_id], len(kept)
 
 
 def guided_mask(rollout, teacher_tokens_only=False):
@@ -318,9 +317,8 @@ def guided_mask(rollout, teacher_tokens_only=False):
 
 
 def ask_teacher(run, conversations):
-    """Step 4's writing: one greedy reply per conversation, as (text, finished, why it was not asked). The teacher
-    is a local model (by default the frozen initial student) or, with --teacher URL, a chat-completions server
-    (ask_server, Part II). "finished": the reply ended with a stop token (a server: finish_reason "stop")."""
+    """Step 4's writing: one greedy reply per conversation, as (text, finished, why not asked), from a local model
+    (by default the frozen initial student) or, with --teacher URL, a server (ask_server; finished: "stop")."""
     if isinstance(run.teacher, TeacherServer):
         return ask_server(run.teacher, conversations)
     prompts = [render_chat(run.teacher_tok, m) for m in conversations]
@@ -371,7 +369,8 @@ def reward(response_text, finished, gold):
 
 
 def grade(response, gold):
-    """True when the response commits to a final answer equal to `gold` (the grader's internals: Part II)."""
+    """True when the response commits to a final answer equal to `gold`: the last non-empty \\boxed{} (else an
+    <answer> block, an "answer is" phrase, the final sentence), compared by value (1/2 = 0.5, sets in any order)."""
     answer = extract_answer(response)
     return answer is not None and len(answer) <= MAX_ANSWER_CHARS and answers_match(answer, gold)
 
@@ -442,7 +441,10 @@ def aas_d(p_sg, A):
 
 
 def policy_loss(logp, old_logp, adv, mask, guided, clip_eps=0.2, dual_clip=3.0):
-    """Token-mean ThinkTuning loss and its statistics.
+    """Token-mean ThinkTuning loss and its statistics. With rho = exp(logp - old_logp) and A the row's advantage:
+    PPO tokens: l = max(-A rho, -A clip(rho, 1 - eps, 1 + eps)), and at most -A c when A < 0 (the dual clip).
+    AAS tokens (guided ones, except A < 0 with sg(p) < 0.01: those go to PPO): l = -A p / d with p = exp(logp) and
+    d = sg(p) + gamma(A) (aas_d): no ratio, no clip. The loss is sum(mask l) / sum(mask) over every row.
     logp, old_logp: [n, T] log-probs of the response tokens (logp with gradient); adv: [n];
     mask: [n, T] 1 on response tokens (EOS included); guided: [n, T] g, 1 on tokens trained with AAS.
     Statistics: clip_frac and dual_clip_frac (shares of PPO tokens, NaN without any), aas_tokens, aas_scored (the
@@ -733,8 +735,8 @@ def check_args(args):
         raise UserError(f"--eval {args.eval!r} names no benchmark: use {', '.join(BENCHMARKS)} or local files")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", args.device):
         raise UserError(f"--device {args.device}: use auto, cpu, cuda or cuda:N")
-    if not 0 < args.top_p <= 1 or args.temperature <= 0:
-        raise UserError("--temperature must be > 0 and --top-p in (0, 1]")
+    if args.temperature <= 0:
+        raise UserError("--temperature must be > 0")
     if args.eval_samples > 1 and args.eval_temperature <= 0:
         raise UserError("--eval-samples > 1 needs --eval-temperature > 0 (greedy samples would all be equal)")
     if args.eval_temperature > 0 and args.eval_samples == 1:
@@ -1462,17 +1464,11 @@ def left_pad(seqs, pad_id, device, width=None):
     return ids.to(device), mask.to(device)
 
 
-def pick_tokens(logits, temperature, top_p):
+def pick_tokens(logits, temperature):
     """Next tokens from [B, V] float32 logits: greedy when temperature is 0, else the same draw as HF generate."""
     if temperature == 0:
         return logits.argmax(-1)
-    logits = logits / temperature
-    if top_p < 1:  # nucleus filtering the way transformers' TopPLogitsWarper does it, so both samplers agree
-        sorted_logits, order = torch.sort(logits, descending=False)
-        drop = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p
-        drop[..., -1:] = False  # always keep the most likely token
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1).squeeze(1)
+    return torch.multinomial((logits / temperature).softmax(-1), 1).squeeze(1)
 
 
 def decode_attention(module, query, key, value, attention_mask, **kwargs):
@@ -1576,7 +1572,7 @@ def generate_static(model, prompts, how, desc="sample"):
     done = torch.zeros(batch, dtype=torch.bool, device=model.device)
     for t in tqdm(range(max_new), desc=desc, leave=False):
         token = torch.full((batch,), pad_id, dtype=torch.long, device=model.device)
-        token[:n] = pick_tokens(logits[:n], how.temperature, how.top_p)  # padding rows draw nothing (same RNG)
+        token[:n] = pick_tokens(logits[:n], how.temperature)  # padding rows draw nothing (same RNG)
         token = torch.where(done, pad_id, token)
         out[:, t] = token
         done |= torch.isin(token, stop_t)
@@ -1743,9 +1739,9 @@ def start_run(args):
         ref = teacher if teacher is not None and not args.teacher else load_model(args.model, args, trainable=False)
     n_roll = args.prompts_per_step * args.group_size
     student_how = Sampling(stop_ids(tok, student), pad_token_id(tok), args.max_new_tokens, args.temperature,
-                           args.top_p, args.fast, batch=n_roll, prompt_len=prompt_width)
+                           args.fast, batch=n_roll, prompt_len=prompt_width)
     teacher_how = (Sampling(stop_ids(teacher_tok, teacher), pad_token_id(teacher_tok), args.teacher_max_new_tokens,
-                            0.0, 1.0, args.fast, teacher_rows(args), args.teacher_max_prompt_len)
+                            0.0, args.fast, teacher_rows(args), args.teacher_max_prompt_len)
                    if teacher is not None and not server else None)
     run = Run(args, tok, student, teacher, teacher_tok, ref,
               MasterAdamW(student, args.lr, args.weight_decay, fused=args.device.startswith("cuda")),
@@ -2146,7 +2142,7 @@ def evaluate(model, tok, items, how, k=1, desc="eval"):
     is the rows of one generate call (questions x k); the prompt width is the benchmark's longest prompt."""
     prompts = [student_prompt(tok, it["question"]) for it in items]
     order = sorted(range(len(items)), key=lambda i: (len(prompts[i]), i))  # similar lengths share a batch
-    how = replace(how, temperature=how.temperature if k > 1 else 0.0, top_p=1.0,
+    how = replace(how, temperature=how.temperature if k > 1 else 0.0,
                   prompt_len=round_up(max(len(p) for p in prompts)))  # one static shape for the whole benchmark
     preds, per_call = [], max(1, how.batch // k)
     for b in tqdm(range(0, len(order), per_call), desc=desc, leave=False):
@@ -2220,7 +2216,7 @@ def run_eval(args):
     tok = load_tokenizer(args.model)
     model = load_model(args.model, args, trainable=False)
     how = Sampling(stop_ids(tok, model), pad_token_id(tok), args.eval_max_new_tokens or args.max_new_tokens,
-                   args.eval_temperature, 1.0, args.fast, batch=args.eval_batch_size * args.eval_samples)
+                   args.eval_temperature, args.fast, batch=args.eval_batch_size * args.eval_samples)
     made = {"model": model_id, "samples": args.eval_samples,  # also in each result: a folder may hold several calls
             "temperature": args.eval_temperature if args.eval_samples > 1 else 0.0, "max_new_tokens": how.max_new,
             "limit": args.eval_limit}
