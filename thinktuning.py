@@ -87,7 +87,8 @@ def build_parser():
       "copy of --model's initial weights (the paper's choice)")
     a("--no-teacher", action="store_true", help="vanilla GRPO: the paper's baseline, everything else equal")
     a("--train-data", default="openai/gsm8k", help="Hub dataset (GSM8K main train) or a local .jsonl/.json/.parquet")
-    # Paper: 58 steps of 128 prompts x 5, one epoch of GSM8K. Here 58 steps of 32 prompts: a quarter epoch.
+    # Paper: 58 steps of 128 prompts x 5, one epoch of GSM8K; here 58 x 32 questions, a quarter epoch (234 steps make
+    # one; the schedule counts steps, so steps 1-8 are guided either way). With G = 5, k = 1 rollout per group.
     a("--steps", type=int, default=58, help="total training steps (counted from the start, also on --resume)")
     a("--prompts-per-step", type=int, default=32, help="B: questions per step (paper: 128; lowered for one GPU)")
     a("--group-size", type=int, default=5, help="G: rollouts per question (paper: 5)")
@@ -423,8 +424,9 @@ def token_logp(model, h, target, temperature):
 
 # ------------------------------------------------------------------------------------------------ loss
 def aas_gamma(adv):
-    """gamma(A) = clip(A / 4000, -0.001, 0.001). (The authors passed the clamp bounds in the wrong order, which
-    made gamma = -0.001 for every token; we follow the evident intent, this linear formula.)"""
+    """gamma(A) = clip(A / 4000, -0.001, 0.001); with 0/1 rewards and G = 5, |A| <= 4 / sqrt(5) ~ 1.79, so the clip
+    never binds. (The authors passed the clamp bounds in the wrong order, which made gamma = -0.001 for every
+    token; we follow the evident intent, this linear formula.)"""
     return (adv / 4000).clamp(-1e-3, 1e-3)
 
 
