@@ -3160,3 +3160,17 @@ def test_policy_loss_routes_on_the_current_p_and_counts_dual_clips_among_ppo_tok
     loss, st = tt.policy_loss(logp, old, torch.tensor([-1.0]), torch.ones(1, 2), torch.tensor([[1.0, 0.0]]))
     assert loss.item() == pytest.approx((0.05 / (0.05 - 0.00025) + 3.0) / 2, rel=1e-5)
     assert st["aas_tokens"] == 1 and st["dual_clip_frac"] == 1.0 and st["clip_frac"] == 0.0  # the dual clip, not eps
+
+
+def test_report_of_a_grpo_run_names_it_and_shows_its_settings(trained, tmp_path):
+    out = copy_run(trained, tmp_path)
+    page = open(tt.write_report(str(out))).read()
+    Page(page)  # well formed
+    settings = json.load(open(out / "args.json"))
+    assert "<h1>GRPO run (--no-teacher): run</h1>" in page and "ThinkTuning run" not in page
+    assert f"<td>lr</td><td>{settings['lr']}</td>" in page and f"<td>no_teacher</td><td>True</td>" in page
+    logged = [s for s in read_jsonl(out / "samples.jsonl") if "student" in s]
+    assert logged and all(isinstance(s["finished"], bool) for s in logged)
+    shown = page.count("(no policy gradient)")  # random weights: every reward 0, every advantage 0
+    assert all(s["adv"] == 0 for s in logged) and shown == min(2, len(logged))
+    assert page.count("not finished") == sum(not s["finished"] for s in logged[-2:])

@@ -1974,7 +1974,7 @@ def step_metrics(run, step, rollouts, record):
 def sample_record(run, step, r):
     """A rollout for samples.jsonl; a guided one also token by token, with p and its AAS weight p / d."""
     rec = {"step": step, "question": r.question, "gold": r.gold, "reward": r.reward, "adv": r.adv,
-           "guided": r.guided, "student": run.tok.decode(r.response[:r.n_student], skip_special_tokens=True),
+           "finished": r.finished, "guided": r.guided, "student": run.tok.decode(r.response[:r.n_student], skip_special_tokens=True),
            "teacher": r.teacher_text}
     if r.guided:
         g = guided_mask(r, run.args.guide_teacher_tokens_only).bool()  # [T]
@@ -2488,7 +2488,8 @@ def rollout_block(s):
     def f(v, spec): return "-" if num(v) is None else format(num(v), spec)
     q = str(s.get("question", ""))
     hdr = (f"<b>step {s.get('step')}</b> &middot; reward {f(s.get('reward'), '.3g')} &middot; advantage "
-           f"{f(s.get('adv'), '+.3f')} &middot; gold {html.escape(str(s.get('gold')))}<br>"
+           f"{f(s.get('adv'), '+.3f')}{' (no policy gradient)' if num(s.get('adv')) == 0 else ''} &middot; gold "
+           f"{html.escape(str(s.get('gold')))}{' &middot; not finished' if s.get('finished') is False else ''}<br>"
            f"Q: {html.escape(q[:200])}{'&hellip;' if len(q) > 200 else ''}")
     if isinstance(s.get("tokens"), list):
         body = token_spans(s)
@@ -2528,9 +2529,12 @@ EXPLAIN = ("The student's tokens are plain black, the teacher's blue italic afte
 def write_report(out, others=()):
     """Write OUT/report.html from whichever of metrics.jsonl, samples.jsonl, eval.json the folder holds; with
     others (more run folders), a table comparing their evals to this run's. Returns the page's path."""
-    name = html.escape(os.path.basename(os.path.normpath(out)))
+    name, settings = html.escape(os.path.basename(os.path.normpath(out))), read_json(os.path.join(out, "args.json"))
     metrics = read_jsonl(os.path.join(out, "metrics.jsonl"))
-    parts = [f"<h1>ThinkTuning run: {name}</h1>", "<h2>Training curves</h2>", curves_section(metrics),
+    kind = "GRPO run (--no-teacher)" if settings.get("no_teacher") else "ThinkTuning run" if settings else "Run folder"
+    parts = [f"<h1>{kind}: {name}</h1>", "<details><summary>Settings (args.json)</summary>"
+             + table("flag|value", [[k, v] for k, v in settings.items()]) + "</details>" if settings else "",
+             "<h2>Training curves</h2>", curves_section(metrics),
              "<h2>Teacher</h2>", teacher_section(metrics), "<h2>Evaluation</h2>",
              eval_section(read_json(os.path.join(out, "eval.json")))]
     if others:
