@@ -3174,3 +3174,19 @@ def test_report_of_a_grpo_run_names_it_and_shows_its_settings(trained, tmp_path)
     shown = page.count("(no policy gradient)")  # random weights: every reward 0, every advantage 0
     assert all(s["adv"] == 0 for s in logged) and shown == min(2, len(logged))
     assert page.count("not finished") == sum(not s["finished"] for s in logged[-2:])
+
+
+def test_ctrl_c_early_is_one_line_without_traceback(model_dirs, tmp_path):
+    # Ctrl-C while torch is still being imported, or (on a fast machine) while the model loads or evaluates:
+    # either way exit status 130 and no traceback
+    data = tmp_path / "many.jsonl"
+    data.write_text("".join(json.dumps({"question": f"w{i % 50} is", "answer": "#### 5"}) + "\n" for i in range(5000)))
+    here = os.path.dirname(os.path.abspath(tt.__file__))
+    for delay in (0.3, 2.0):
+        proc = subprocess.Popen([sys.executable, os.path.join(here, "thinktuning.py"), "--model", model_dirs["random"],
+                                 "--eval", data, "--device", "cpu", "--out", tmp_path / f"e{delay}"], cwd=tmp_path,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130 and b"Traceback" not in err, err.decode()[-500:]
