@@ -3190,3 +3190,16 @@ def test_ctrl_c_early_is_one_line_without_traceback(model_dirs, tmp_path):
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
         assert proc.returncode == 130 and b"Traceback" not in err, err.decode()[-500:]
+        assert b"second Ctrl-C" not in err  # there was only one
+
+
+
+def test_unwritable_run_folder_is_one_line_for_report_and_resume(trained, tmp_path, capsys):
+    # a folder this process cannot write in (here its lock file cannot be opened: a folder holds its name, which
+    # works as root too, where permissions would not stop a write)
+    out = copy_run(trained, tmp_path)
+    (out / ".lock").unlink(missing_ok=True)
+    (out / ".lock").mkdir()
+    assert run(["--report", out]) == 2 and one_line_error(capsys, f"cannot write in {out}")
+    assert run(["--resume", out, "--steps", 2]) == 2
+    assert one_line_error(capsys, "to resume or report a read-only run, copy its folder somewhere writable first")
