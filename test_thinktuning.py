@@ -3203,3 +3203,16 @@ def test_unwritable_run_folder_is_one_line_for_report_and_resume(trained, tmp_pa
     assert run(["--report", out]) == 2 and one_line_error(capsys, f"cannot write in {out}")
     assert run(["--resume", out, "--steps", 2]) == 2
     assert one_line_error(capsys, "to resume or report a read-only run, copy its folder somewhere writable first")
+
+
+def test_report_colour_scale_spans_the_weights_that_occur():
+    # orange: t = log10(1 / w) / 3, full at 0.001; blue: t = ln(w) / ln(1.1), full at 1.1 (p/d < ~1.11 for A < 0);
+    # g = 255 - 110 t, b = 255 - 230 t below 1; r = 255 - 170 t, g = 255 - 110 t above
+    assert tt.weight_style(0.01) == "background:rgb(255,182,102)"  # t = 2/3
+    assert tt.weight_style(1.05) == "background:rgb(168,199,255)"  # t = 0.512
+    assert tt.weight_style(0.001) == tt.weight_style(0.0001) == "background:rgb(255,145,25)"
+    assert tt.weight_style(1.1) == tt.weight_style(1.5) == "background:rgb(85,145,255)"
+    assert tt.weight_style(0.0013) != tt.weight_style(0.5)  # the typical teacher token no longer looks like 0.5
+    swatches = re.findall(r'class="sw" style="[^"]*">([^<]*)<', tt.rollouts_section(
+        [{"step": 1, "guided": True, "student": "a", "tokens": ["a"], "weight": [0.5], "p": [0.5], "n_student": 1}]))
+    assert swatches == ["0.001", "0.01", "0.1", "0.5", "1", "1.05", "1.1"]

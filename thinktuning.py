@@ -2456,11 +2456,12 @@ def compare_section(folders):
 
 
 def weight_style(w):
-    """A token's background by its AAS weight p/d, on a log scale that is full at half or double: white at 1,
-    orange below (AAS damps the token's push), blue above (negative advantage: the push away is stronger)."""
+    """A token's background by its AAS weight p/d, on log scales that span the values that occur: white at 1, orange
+    below (AAS damps the token's push; full at 0.001, a typical unlikely teacher token), blue above (negative
+    advantage: pushed away harder; p/d cannot pass about 1.11 there, so the blue is full at 1.1)."""
     if num(w) is None:
         return ""
-    t = min(1.0, abs(math.log(max(w, 1e-9))) / math.log(2))
+    t = min(1.0, math.log10(1 / max(w, 1e-9)) / 3 if w < 1 else math.log(w) / math.log(1.1))
     r, g, b = (255, 255 - 110 * t, 255 - 230 * t) if w < 1 else (255 - 170 * t, 255 - 110 * t, 255)
     return f"background:rgb({r:.0f},{g:.0f},{b:.0f})"
 
@@ -2508,7 +2509,7 @@ def rollouts_section(samples, shown=6):
     ok = sum(bool(r.get("passed")) for r in replies)
     note = (f"<p class='note'>Teacher replies: {ok} passed the format check, {len(replies) - ok} failed.</p>"
             if replies else "")
-    sw = "".join(f'<span class="sw" style="{weight_style(w)}">{w}</span>' for w in (0.5, 0.7, 0.9, 1, 1.1, 1.5))
+    sw = "".join(f'<span class="sw" style="{weight_style(w)}">{w}</span>' for w in (0.001, 0.01, 0.1, 0.5, 1, 1.05, 1.1))
     legend = (f"<p>{EXPLAIN}</p>" f'<p class="note">AAS weight p/d: {sw} <span class="sw ppo">PPO</span> &nbsp; '
               f'student text, <span class="tt">teacher text</span>. Hover a token for p and p/d.</p>')
     if not guided:  # e.g. a vanilla GRPO run: show what the student wrote instead
@@ -2520,8 +2521,8 @@ def rollouts_section(samples, shown=6):
 
 EXPLAIN = ("The student's tokens are plain black, the teacher's blue italic after a "
            "<b>teacher &#9656;</b> marker. A token's background is its AAS weight p/d, the factor on its gradient: "
-           "white near 1 (as an ordinary token), orange below 1 (a token the student found very unlikely: its push is "
-           "damped), blue above 1 (negative advantage: pushed away harder). Hatched tokens with a dotted outline went "
+           "white near 1 (as an ordinary token), orange below 1 on a log scale (a token the student found very unlikely: "
+           "its push is damped), blue above 1 (negative advantage: pushed away harder). Hatched tokens with a dotted outline went "
            "to the PPO loss instead (negative advantage and p &lt; 0.01, or student tokens when only the teacher's "
            "are shaped).")
 
