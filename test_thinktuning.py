@@ -3216,3 +3216,15 @@ def test_report_colour_scale_spans_the_weights_that_occur():
     swatches = re.findall(r'class="sw" style="[^"]*">([^<]*)<', tt.rollouts_section(
         [{"step": 1, "guided": True, "student": "a", "tokens": ["a"], "weight": [0.5], "p": [0.5], "n_student": 1}]))
     assert swatches == ["0.001", "0.01", "0.1", "0.5", "1", "1.05", "1.1"]
+
+
+def test_report_shows_a_wrong_and_a_right_answer_per_benchmark(model_dirs, tmp_path):
+    data = tmp_path / "mini.jsonl"  # the bigram model answers \boxed{5}: w0 (gold 7) wrong, w1 (gold 5) right
+    data.write_text("".join(json.dumps({"question": f"w{i} is", "answer": f"#### {g}"}) + "\n" for i, g in enumerate([7, 5, 9])))
+    out = tmp_path / "ev"
+    assert run(["--model", model_dirs["bigram"], "--eval", data, "--out", out, "--device", "cpu", "--max-new-tokens", 20]) == 0
+    page = (out / "report.html").read_text()
+    Page(page)
+    heads = re.findall(r'<div class="hdr">(.*?)</div>', page)
+    assert heads == ["<b>mini</b> &middot; gold 7 &middot; extracted 5: <b>wrong</b><br>Q: w0 is",
+                     "<b>mini</b> &middot; gold 5 &middot; extracted 5: <b>right</b><br>Q: w1 is"]

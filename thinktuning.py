@@ -1974,7 +1974,8 @@ def step_metrics(run, step, rollouts, record):
 def sample_record(run, step, r):
     """A rollout for samples.jsonl; a guided one also token by token, with p and its AAS weight p / d."""
     rec = {"step": step, "question": r.question, "gold": r.gold, "reward": r.reward, "adv": r.adv,
-           "finished": r.finished, "guided": r.guided, "student": run.tok.decode(r.response[:r.n_student], skip_special_tokens=True),
+           "finished": r.finished, "guided": r.guided,
+           "student": run.tok.decode(r.response[:r.n_student], skip_special_tokens=True),
            "teacher": r.teacher_text}
     if r.guided:
         g = guided_mask(r, run.args.guide_teacher_tokens_only).bool()  # [T]
@@ -2425,15 +2426,29 @@ def table(head, rows):
     return f"<table><tr>{th}</tr>{body}</table>"
 
 
-def eval_section(ev):
-    """The evaluation table of eval.json, with how its results were made above it."""
+def eval_section(ev, preds):
+    """The evaluation table of eval.json, with how its results were made above it; then per benchmark its first
+    wrong and first right answer (eval_samples.jsonl)."""
     if not ev.get("results"):
         return '<p class="note">No readable eval.json in this folder.</p>'
     conf = ", ".join(f"{k} {html.escape(str(v))}" for k, v in ev.items() if k != "results")
+    shown = [p for b in ev["results"] for right in (False, True)
+             for p in [next((p for p in preds if p.get("benchmark") == b and p.get("correct") == right), None)] if p]
+    answers = "".join(answer_block(p) for p in shown)
     return (f'<p class="note">{conf}</p>' + table(EVAL_HEAD, eval_rows(ev["results"])) + '<p class="note">95% Wilson '
             "interval over the n questions (not n &times; samples: one question's samples are not independent). The "
             "paper's numbers are for Llama-3.2-3B-Instruct, full benchmarks, greedy pass@1: not comparable to another "
-            "model or to an --eval-limit subset.</p>")
+            "model or to an --eval-limit subset.</p>" + answers)
+
+
+def answer_block(p):
+    """One evaluation answer: benchmark, gold, the extracted answer and its verdict, above question and response."""
+    e = lambda v: html.escape(str(v))  # noqa: E731
+    hdr = (f"<b>{e(p.get('benchmark'))}</b> &middot; gold {e(p.get('gold'))} &middot; extracted {e(p.get('extracted'))}"
+           f": <b>{'right' if p.get('correct') else 'wrong'}</b>"
+           f"{' &middot; not finished' if not p.get('finished') else ''}"
+           f"<br>Q: {e(str(p.get('question', ''))[:200])}")
+    return f'<div class="roll"><div class="hdr">{hdr}</div><div class="toks">{e(p.get("response", ""))}</div></div>'
 
 
 def compare_section(folders):
@@ -2509,7 +2524,8 @@ def rollouts_section(samples, shown=6):
     ok = sum(bool(r.get("passed")) for r in replies)
     note = (f"<p class='note'>Teacher replies: {ok} passed the format check, {len(replies) - ok} failed.</p>"
             if replies else "")
-    sw = "".join(f'<span class="sw" style="{weight_style(w)}">{w}</span>' for w in (0.001, 0.01, 0.1, 0.5, 1, 1.05, 1.1))
+    sw = "".join(f'<span class="sw" style="{weight_style(w)}">{w}</span>'
+                 for w in (0.001, 0.01, 0.1, 0.5, 1, 1.05, 1.1))
     legend = (f"<p>{EXPLAIN}</p>" f'<p class="note">AAS weight p/d: {sw} <span class="sw ppo">PPO</span> &nbsp; '
               f'student text, <span class="tt">teacher text</span>. Hover a token for p and p/d.</p>')
     if not guided:  # e.g. a vanilla GRPO run: show what the student wrote instead
@@ -2521,10 +2537,10 @@ def rollouts_section(samples, shown=6):
 
 EXPLAIN = ("The student's tokens are plain black, the teacher's blue italic after a "
            "<b>teacher &#9656;</b> marker. A token's background is its AAS weight p/d, the factor on its gradient: "
-           "white near 1 (as an ordinary token), orange below 1 on a log scale (a token the student found very unlikely: "
-           "its push is damped), blue above 1 (negative advantage: pushed away harder). Hatched tokens with a dotted outline went "
-           "to the PPO loss instead (negative advantage and p &lt; 0.01, or student tokens when only the teacher's "
-           "are shaped).")
+           "white near 1 (as an ordinary token), orange below 1 on a log scale (a token the student found very "
+           "unlikely: its push is damped), blue above 1 (negative advantage: pushed away harder). Hatched tokens "
+           "with a dotted outline went to the PPO loss instead (negative advantage and p &lt; 0.01, or student tokens "
+           "when only the teacher's are shaped).")
 
 
 def write_report(out, others=()):
@@ -2537,7 +2553,8 @@ def write_report(out, others=()):
              + table("flag|value", [[k, v] for k, v in settings.items()]) + "</details>" if settings else "",
              "<h2>Training curves</h2>", curves_section(metrics),
              "<h2>Teacher</h2>", teacher_section(metrics), "<h2>Evaluation</h2>",
-             eval_section(read_json(os.path.join(out, "eval.json")))]
+             eval_section(read_json(os.path.join(out, "eval.json")),
+                          read_jsonl(os.path.join(out, "eval_samples.jsonl")))]
     if others:
         parts += ["<h2>Against other runs</h2>", compare_section([out, *others])]
     parts += ["<h2>Guided rollouts</h2>", rollouts_section(read_jsonl(os.path.join(out, "samples.jsonl")))]
