@@ -3228,3 +3228,40 @@ def test_report_shows_a_wrong_and_a_right_answer_per_benchmark(model_dirs, tmp_p
     heads = re.findall(r'<div class="hdr">(.*?)</div>', page)
     assert heads == ["<b>mini</b> &middot; gold 7 &middot; extracted 5: <b>wrong</b><br>Q: w0 is",
                      "<b>mini</b> &middot; gold 5 &middot; extracted 5: <b>right</b><br>Q: w1 is"]
+
+
+def test_readme_scripted_teacher_guides_a_step(model_dirs, tmp_path):
+    # the README's make_problems.py and teacher_server.py, as printed there, run a guided step: every reply passes
+    # the format check and boxes the right answer of its problem, worked out from the question alone
+    readme = open(os.path.join(os.path.dirname(os.path.abspath(tt.__file__)), "README.md")).read()
+    for name in ("make_problems.py", "teacher_server.py"):
+        block = readme.split(f"<summary><code>{name}</code>", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+        (tmp_path / name).write_text(block)
+    subprocess.run([sys.executable, "make_problems.py"], cwd=tmp_path, check=True)
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "teacher_server.py", str(port)], cwd=tmp_path)
+    try:
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                tt.http_json(f"http://127.0.0.1:{port}/v1/models", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.2)
+        out = tmp_path / "run"
+        argv = base_args(model_dirs["bigram"], tmp_path / "train.jsonl", out, "--steps", 1, "--teacher",
+                         f"http://127.0.0.1:{port}/v1", "--log-samples", 8)
+        assert run(argv) == 0
+    finally:
+        server.kill()
+        server.wait()
+    gold = {json.loads(l)["question"]: json.loads(l)["answer"].split("#### ")[1] for l in open(tmp_path / "train.jsonl")}
+    samples = read_jsonl(out / "samples.jsonl")
+    replies = [s for s in samples if s.get("kind") == "teacher_reply"]
+    assert replies and all(r["passed"] and r["text"].startswith("<opinion>") for r in replies)
+    guided = [s for s in samples if s.get("guided")]  # one per group: its question's gold is what the reply boxes
+    boxed = sorted(re.findall(r"\\boxed\{(\d+)\}", r["text"])[-1] for r in replies)
+    assert len(guided) == len(replies) and boxed == sorted(gold[s["question"]] for s in guided)
