@@ -2670,8 +2670,10 @@ def run(folder, selector):
         sys.modules.pop(name, None)
     sys.path.insert(0, folder)
     rec = Outcomes()  # --rootdir: no folder above the file can match the -k selector
-    pytest.main(["-q", "--tb=no", "-p", "no:cacheprovider", "-p", "no:warnings", "--rootdir", folder, "-k", selector,
-                 os.path.join(folder, "test_thinktuning.py")], plugins=[rec])
+    # only outcomes are needed: no assertion rewriting and no end-of-session garbage collection (seconds per run)
+    pytest.main(["-q", "--tb=no", "--assert=plain", "-p", "no:cacheprovider", "-p", "no:warnings", "-p",
+                 "no:unraisableexception", "--rootdir", folder, "-k", selector, os.path.join(folder, "test_thinktuning.py")],
+                plugins=[rec])
     sys.path.remove(folder)
     return rec.seen
 
