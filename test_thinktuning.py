@@ -3184,10 +3184,13 @@ def test_ctrl_c_early_is_one_line_without_traceback(model_dirs, tmp_path):
     data = tmp_path / "many.jsonl"
     data.write_text("".join(json.dumps({"question": f"w{i % 50} is", "answer": "#### 5"}) + "\n" for i in range(5000)))
     here = os.path.dirname(os.path.abspath(tt.__file__))
-    for delay in (0.3, 2.0):
+    for delay in (0.0, 1.5):  # after torch's library is mapped: inside `import torch`, or (1.5 s on) later
         proc = subprocess.Popen([sys.executable, os.path.join(here, "thinktuning.py"), "--model", model_dirs["random"],
                                  "--eval", data, "--device", "cpu", "--out", tmp_path / f"e{delay}"], cwd=tmp_path,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        deadline = time.time() + 60  # on a busy machine the interpreter itself can take a while to start
+        while "libtorch" not in open(f"/proc/{proc.pid}/maps").read() and time.time() < deadline:
+            time.sleep(0.005)
         time.sleep(delay)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
