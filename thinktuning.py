@@ -1775,8 +1775,8 @@ def check_out_folder(args, ckpt, resuming):
     for name in ("metrics.jsonl", "samples.jsonl") if not resuming else ():
         path = os.path.join(args.out, name)
         if os.path.exists(path):  # .aborted, .aborted.2, ...: an earlier aborted run's logs are kept too
-            kept = next(f"{path}.aborted{f'.{i}' if i > 1 else ''}" for i in range(1, 10**6)
-                        if not os.path.exists(f"{path}.aborted{f'.{i}' if i > 1 else ''}"))
+            names = (f"{path}.aborted{f'.{i}' if i > 1 else ''}" for i in range(1, 10**6))
+            kept = next(n for n in names if not os.path.exists(n))
             os.replace(path, kept)
             print(f"note: {path}: logs of a run that saved no checkpoint, kept as {os.path.basename(kept)}")
 
@@ -1791,13 +1791,15 @@ def writable_folder(out):
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--out {out} is a file, not a folder: choose another --out")
     key = os.path.realpath(out)
+    if key in HELD:  # this process holds it already
+        return
     try:
         os.makedirs(out, exist_ok=True)
-        lock = HELD.get(key) or open(os.path.join(out, ".lock"), "a")
+        lock = open(os.path.join(out, ".lock"), "a")
     except OSError as e:
         raise UserError(f"cannot write in {out} ({first_line(e)}): choose another --out (to resume or report a "
                         f"read-only run, copy its folder somewhere writable first)")
-    if fcntl is not None and key not in HELD:
+    if fcntl is not None:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
