@@ -3270,3 +3270,96 @@ def test_readme_scripted_teacher_guides_a_step(model_dirs, tmp_path):
     guided = [s for s in samples if s.get("guided")]  # one per group: its question's gold is what the reply boxes
     boxed = sorted(re.findall(r"\\boxed\{(\d+)\}", r["text"])[-1] for r in replies)
     assert len(guided) == len(replies) and boxed == sorted(gold[s["question"]] for s in guided)
+
+
+# --------------------------------------------------------------------------------------------- several GPUs (torchrun)
+# Real processes: torchrun with gloo on the CPU, two ranks.
+def torchrun(n, *argv, **popen):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n), *map(str, argv)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(tt.__file__)}
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **popen)
+
+
+def dp_rollouts(tok):
+    """4 groups of 4 rollouts of different lengths: rewards 0/1 (some groups all equal: A = 0), guided ones too."""
+    rnd, out = random.Random(7), []
+    for g in range(4):
+        rewards = [[1, 0, 0, 1], [0, 0, 0, 0], [1, 0, 1, 1], [0, 1, 0, 0]][g]
+        for j, rew in enumerate(rewards):
+            ids = [rnd.randrange(2, len(tok)) for _ in range(rnd.randrange(2, 12))] + [tok.eos_token_id]
+            r = tt.Rollout("q", "5", [0, 4 + g, 5], ids, finished=True, reward=float(rew))
+            if j == 0 and g != 1:
+                r.guided, r.n_student = True, len(ids) // 2
+            out.append(r)
+    for r, a in zip(out, tt.group_advantages(torch.tensor([r.reward for r in out]), 4).tolist()):
+        r.adv = a
+    return out
+
+
+def dp_update(tok, rollouts):
+    """One update of a fresh tiny model, old log-probs scored on the whole step; this rank's share is trained."""
+    model, args = make_model(tok), learn_args(minibatches=2, micro_batch=3)
+    tt.score_old(model, None, rollouts, args)
+    tt.update(model, tt.share(rollouts), tt.MasterAdamW(model, 1e-2, 0.01), args, random.Random(3))
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+DP_WORKER = """
+import sys, torch, thinktuning as tt, test_thinktuning as T
+tt.start_ranks(T.SimpleNamespace(eval=None, report=None, compare=None, prompts_per_step=4, device="cpu"))
+torch.save(T.dp_update(T.make_tokenizer(), T.dp_rollouts(T.make_tokenizer())), f"{sys.argv[1]}/rank{tt.RANK}.pt")
+"""
+
+
+def test_two_ranks_take_the_one_process_step(tok, tmp_path):
+    # The exactness test: the same 16 rollouts, on one process and split over two (8 each, whole groups). Each
+    # mini-batch's token mean must count both ranks' tokens, and the ranks' gradients must be summed before the
+    # clip and AdamW; a per-rank mean, a per-rank gradient or a per-rank mini-batch order moves the weights elsewhere.
+    (tmp_path / "worker.py").write_text(DP_WORKER)
+    proc = torchrun(2, tmp_path / "worker.py", tmp_path)
+    one = dp_update(tok, dp_rollouts(tok))  # this process: WORLD = 1
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-3000:]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert torch.equal(rank0, rank1)  # the ranks never drift apart
+    assert torch.allclose(rank0, one, rtol=0, atol=1e-5)  # float32 sums in another order, through AdamW
+    start = torch.cat([p.detach().flatten() for p in make_model(tok).parameters()])
+    assert (one - start).abs().max() > 1e-3  # the update moved the weights well beyond the tolerance
+
+
+def test_two_ranks_train_stop_on_ctrl_c_save_and_resume_on_one(model_dirs, train_file, tmp_path):
+    out = tmp_path / "dp"
+    proc = torchrun(2, tt.__file__, *base_args(model_dirs["bigram"], train_file, out, "--steps", 100000,
+                                               "--log-samples", 8))
+    deadline = time.time() + 120
+    while len(read_jsonl(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else []) < 2:
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)  # to the launcher, which passes it on to both ranks
+    stdout, stderr = proc.communicate(timeout=120)
+    assert "checkpoint saved" in stdout and 'thinktuning.py", line' not in stderr  # torchrun's own traceback only
+    rows = read_jsonl(out / "metrics.jsonl")
+    k = len(rows)
+    saved = torch.load(out / "ckpt" / "trainer_state.pt", weights_only=False)
+    assert saved["step"] == rows[-1]["step"] == k and saved["cursor"] == 2 * k  # one question per rank per step
+    replies = [s for s in read_jsonl(out / "samples.jsonl") if s.get("kind") == "teacher_reply" and s["step"] == 1]
+    # one rollout per group goes to the teacher: group 1 on rank 0 (rows 0-3), group 2 on rank 1 (rows 4-7)
+    assert sorted(r["rollout"] // 4 for r in replies) == [0, 1] and rows[0]["teacher_asked"] == 2
+    assert rows[0]["n_guided"] == 2 and (out / "report.html").exists()
+    assert run(["--resume", out, "--steps", k + 1]) == 0  # one process continues the two-process run
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, k + 2)) and rows[-1]["teacher_asked"] == 2
+    assert torch.load(out / "ckpt" / "trainer_state.pt", weights_only=False)["cursor"] == 2 * (k + 1)
+
+
+def test_two_ranks_errors_are_one_line_each_and_end_in_seconds(model_dirs, train_file, tmp_path, trained):
+    # a bad number of processes: every rank says so
+    proc = torchrun(2, tt.__file__, *base_args(model_dirs["random"], train_file, tmp_path / "a", "--prompts-per-step", 3))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and err.count("error: --prompts-per-step 3 is not a multiple of the 2 processes") == 2
+    # an error on rank 0 alone (its folder holds a run): the other rank is stopped, not left waiting
+    start = time.time()
+    proc = torchrun(2, tt.__file__, *base_args(model_dirs["random"], train_file, trained))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and err.count("error: ") == 1 and "already holds a training run" in err
+    assert time.time() - start < 100  # torchrun stops the waiting rank at once (its default timeout is an hour)

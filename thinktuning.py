@@ -37,6 +37,7 @@ import argparse
 import cmath
 import concurrent.futures
 import contextlib
+import datetime
 import functools
 import hashlib
 import html
@@ -59,6 +60,9 @@ try:
     import fcntl  # one process per run folder (POSIX; Windows runs without the lock)
 except ImportError:
     fcntl = None
+RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # torchrun's (Part II)
+if RANK:  # several GPUs: only rank 0 draws progress bars
+    os.environ.setdefault("TQDM_DISABLE", "1")
 try:
     import torch
     import torch.nn.functional as F
@@ -534,34 +538,35 @@ def token_share(micro_tokens, minibatch_tokens):
 def update(model, rollouts, optim, args, rng):
     """Step 9: one pass over the step's rollouts in --minibatches AdamW steps; each mini-batch's loss is one
     token mean over all of its rollouts, accumulated over micro-batches of --micro-batch rows."""
-    order = list(range(len(rollouts)))
+    order = list(range(len(rollouts) * WORLD))  # the step's rows; several GPUs: mine() picks this rank's
     rng.shuffle(order)
-    size = len(rollouts) // args.minibatches
+    size = len(order) // args.minibatches
     stats, norms, losses, skipped, aas_idle = [], [], [], 0, 0
     model.train()  # for gradient checkpointing; dropout is off (load_model)
     for mb in tqdm(range(args.minibatches), desc="update", leave=False):
-        rows = [rollouts[i] for i in order[mb * size:(mb + 1) * size]]
-        n_tokens = sum(len(r.response) for r in rows)  # every row counts, also those that cannot move weights
-        busy, loss_sum = by_length([r for r in rows if moves_weights(r, args)]), 0.0
-        idle = [r for r in rows if not moves_weights(r, args)]
-        aas_idle += sum(int(guided_mask(r, args.guide_teacher_tokens_only).sum()) for r in idle)  # A = 0: all AAS
+        rows = [rollouts[i] for i in mine(order[mb * size:(mb + 1) * size], len(rollouts))]
+        n_tokens = sum(everyone([sum(len(r.response) for r in rows)]))  # every row, also those with A = 0
+        busy, loss_sum, finite = by_length([r for r in rows if moves_weights(r, args)]), 0.0, True
+        aas_idle += sum(int(guided_mask(r, args.guide_teacher_tokens_only).sum())  # A = 0: all AAS
+                        for r in rows if not moves_weights(r, args))
         for k in range(0, len(busy), args.micro_batch):
             loss, st, n = micro_batch_loss(model, busy[k:k + args.micro_batch], args)
-            if not torch.isfinite(loss):  # skip this update, keep training
-                optim.zero_grad()
-                skipped += 1
+            finite = bool(torch.isfinite(loss))
+            if not finite:
                 break
             share = token_share(n, n_tokens)
             (loss * share).backward()
             stats.append(st)
             loss_sum += loss.item() * share
-        else:  # every micro-batch finite: step (also when no row could move the weights: weight decay applies)
-            norm, ok = optim.step(args.grad_clip)
-            skipped += not ok
-            if ok:  # loss and gradient norm describe the mini-batches that stepped
-                norms.append(norm)
-                losses.append(loss_sum)
+        # Every micro-batch finite (on every rank): step, also when no row could move the weights (weight decay
+        # applies; several GPUs: the step sums the ranks' gradients first). Else skip this update, keep training.
+        norm, ok = optim.step(args.grad_clip) if all(everyone([finite])) else (optim.zero_grad(), False)
+        skipped += not ok
+        if ok:  # loss and gradient norm describe the mini-batches that stepped
+            norms.append(norm)
+            losses.append(sum(everyone([loss_sum])))
     model.eval()
+    stats, aas_idle = everyone(stats), sum(everyone([aas_idle]))  # several GPUs: statistics of the whole step
     mean = lambda key: nanmean([s[key] for s in stats if key in s])  # noqa: E731
     scored = sum(s["aas_scored"] for s in stats)  # the AAS weight is a mean over tokens, not over micro-batches
     return {"loss": nanmean(losses), "grad_norm": nanmean(norms), "skipped_updates": skipped,
@@ -597,8 +602,8 @@ def train_step(run, step):
     of what happened (guidance, teacher replies, update statistics, seconds per phase)."""
     args, tok = run.args, run.tok
     t = [sync(args.device)]  # timestamps of the phases
-    # 1. B questions, G rollouts each (groups of G contiguous rollouts)
-    batch = next_questions(run.problems, args.seed, run.state["cursor"], args.prompts_per_step)
+    # 1. B questions, G rollouts each (groups of G contiguous rollouts); several GPUs: this rank's share of them
+    batch = share(next_questions(run.problems, args.seed, run.state["cursor"], args.prompts_per_step))
     run.state["cursor"] += args.prompts_per_step
     rollouts = [Rollout(q["question"], q["gold"], q["prompt"]) for q in batch for _ in range(args.group_size)]
     # 2. the student samples every rollout in one batched call
@@ -608,7 +613,8 @@ def train_step(run, step):
     t.append(sync(args.device))
     # 3. while the schedule says so, k finished rollouts per group go to the teacher; 4-5. it writes, we splice
     pct = guidance_pct(step, args.schedule_steps) if run.teacher is not None else 0.0
-    chosen = select_for_guidance([r.finished for r in rollouts], args.group_size, pct, run.rng)
+    finished = everyone([r.finished for r in rollouts])  # several GPUs: every rank draws from the whole step
+    chosen = mine(select_for_guidance(finished, args.group_size, pct, run.rng), len(rollouts))
     replies = guide(rollouts, chosen, run) if chosen else []
     t.append(sync(args.device))
     # 6. rewards: a guided rollout is graded on the teacher's answer
@@ -646,14 +652,16 @@ def train(args):
             bar.set_postfix(reward=f"{row['reward']:.3f}", guided=row["n_guided"], loss=f"{row['loss']:.4f}")
             if run.teacher is not None and guidance_pct(step + 1, args.schedule_steps) == 0:
                 release_teacher(run, step)  # plain GRPO from here on
-            if step % args.save_every == 0 or step == args.steps or stop_requested:
+            stop = any(everyone([bool(stop_requested)]))  # several GPUs: every rank stops after the same step
+            if RANK == 0 and (step % args.save_every == 0 or step == args.steps or stop):  # rank 0 writes files
                 save_checkpoint(args.out, run.student, run.tok, trainer_state(run))
-            if stop_requested:
+            if stop:
                 print(f"stopped after step {step}, checkpoint saved; continue with: "
                       f"python thinktuning.py --resume {args.out}")
                 break
-    print(f"wrote {write_report(args.out)}")
-    return not stop_requested
+    if RANK == 0:
+        print(f"wrote {write_report(args.out)}")
+    return not stop
 
 
 # ################################################################################################################
@@ -1669,6 +1677,10 @@ class MasterAdamW:
         Gradients are converted to fp32 and applied ~64M elements at a time, so the fp32 gradients of the whole
         model never exist at once. A weight without a gradient (no row could move it) steps with a zero one."""
         grads = [p.grad for p in self.params]
+        if WORLD > 1:  # several GPUs: every rank steps with the sum of all ranks' gradients (none: zeros)
+            grads = [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)]
+            for g in grads:
+                torch.distributed.all_reduce(g)
         self.zero_grad()  # AdamW steps every weight holding a gradient, and a float32 weight is its own master
         present = [g for g in grads if g is not None]
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32)
@@ -1713,7 +1725,10 @@ def start_run(args):
     ckpt, resuming = os.path.join(args.out, "ckpt"), args.resume is not None
     if not resuming and not looks_loadable(args.model):
         raise UserError(f"--model {args.model}: no such folder (a local model folder, or a Hub name like org/model)")
-    check_out_folder(args, ckpt, resuming)
+    if RANK == 0:  # several GPUs: rank 0 holds and tidies the run folder while the others wait
+        check_out_folder(args, ckpt, resuming)
+    if WORLD > 1:
+        torch.distributed.barrier()
     local_teacher = None if args.no_teacher or is_url(args.teacher) else args.teacher or args.model
     for frozen in {local_teacher, args.model if args.kl_beta > 0 else None} - {None}:
         if resuming and not looks_loadable(frozen):
@@ -1733,13 +1748,13 @@ def start_run(args):
     # loaded (or its server checked) only if some step still to run is guided
     guided_ahead = not args.no_teacher and guidance_pct(first_step, args.schedule_steps) > 0
     server = connect_teacher(args) if guided_ahead and is_url(args.teacher) else None
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed + RANK)  # several GPUs: each rank samples its own tokens
     student = load_model(ckpt if resuming else args.model, args, trainable=True).eval()
     teacher = server or (load_model(local_teacher, args, trainable=False) if guided_ahead else None)
     ref = None
     if args.kl_beta > 0:  # the frozen initial model is also the default teacher: no extra memory then
         ref = teacher if teacher is not None and not args.teacher else load_model(args.model, args, trainable=False)
-    n_roll = args.prompts_per_step * args.group_size
+    n_roll = args.prompts_per_step // WORLD * args.group_size  # this rank's rollouts
     student_how = Sampling(stop_ids(tok, student), pad_token_id(tok), args.max_new_tokens, args.temperature,
                            args.fast, batch=n_roll, prompt_len=prompt_width)
     teacher_how = (Sampling(stop_ids(teacher_tok, teacher), pad_token_id(teacher_tok), args.teacher_max_new_tokens,
@@ -1751,6 +1766,8 @@ def start_run(args):
               {"step": 0, "cursor": 0}, eval_items)
     if saved:
         restore(run, saved)
+    if RANK > 0:
+        return run
     with open(os.path.join(args.out, "args.json"), "w") as f:
         json.dump(vars(args), f, indent=1)
     with open(os.path.join(args.out, "args_history.jsonl"), "a") as f:  # every start of this run, resumes too
@@ -1840,15 +1857,17 @@ def restore(run, saved):
     torch.set_rng_state(saved["torch_rng"])
     if saved["cuda_rng"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(saved["cuda_rng"])
+    if WORLD > 1:  # several GPUs: the saved state is rank 0's; each rank draws from a stream of its own
+        torch.manual_seed(run.args.seed + RANK + WORLD * saved["step"])
     run.state = {k: saved[k] for k in ("step", "cursor", "py_rng")}
     run.rng.setstate(run.state["py_rng"])
     truncate_logs(run.args.out, run.state["step"])  # steps logged after the checkpoint are done again
 
 
 def teacher_rows(args):
-    """The most rollouts one step can send to the teacher (k <= max(1, floor(G * 0.1)) per group, since
-    pct <= 0.1): the teacher sampler's fixed batch."""
-    return args.prompts_per_step * max(1, math.floor(args.group_size * 0.1))
+    """The most rollouts one step can send to the teacher on this rank (k <= max(1, floor(G * 0.1)) per group,
+    since pct <= 0.1): the teacher sampler's fixed batch."""
+    return args.prompts_per_step // WORLD * max(1, math.floor(args.group_size * 0.1))
 
 
 def kv_cache_bytes(cfg, rows, length, itemsize):
@@ -1900,14 +1919,15 @@ def memory_estimate(run, prompt_width):
 
 def print_plan(run, n_problems, skipped, prompt_width):
     """What a step does and what it costs: rollouts and tokens per step, a memory estimate, checkpoint size."""
-    args, n_roll = run.args, run.student_how.batch
+    args, n_roll = run.args, run.student_how.batch * WORLD
     n_params = sum(p.numel() for p in run.optim.params)
     method = "ThinkTuning" if run.teacher is not None else "ThinkTuning (guidance over)"
     print(f"{'vanilla GRPO' if args.no_teacher else method}: {n_problems} questions"
           f"{f' ({skipped} with prompts over --max-prompt-len skipped)' if skipped else ''}, "
           f"{args.prompts_per_step} x {args.group_size} = {n_roll} rollouts per step, up to "
           f"{n_roll * (prompt_width + args.max_new_tokens):,} tokens per step, "
-          f"{args.minibatches} optimizer steps of {n_roll // args.minibatches} rollouts")
+          f"{args.minibatches} optimizer steps of {n_roll // args.minibatches} rollouts"
+          + (f"; {WORLD} processes, {n_roll // WORLD} rollouts each (memory below: per process)" if WORLD > 1 else ""))
     trained, frozen, phases = memory_estimate(run, prompt_width)
     peak = trained + frozen + max(phases.values())
     masters = ", fp32 master weights" if run.optim.separate() else ""
@@ -1992,8 +2012,12 @@ def sample_record(run, step, r):
 
 
 def log_step(run, step, rollouts, record):
-    """Append the step's metrics, a few rollouts (guided first) and every teacher reply; returns the metrics."""
+    """Append the step's metrics, a few rollouts (guided first) and every teacher reply; returns the metrics.
+    Several GPUs: every rank computes them for the whole step, rank 0 writes them."""
+    rollouts, record = gather_step(rollouts, record)
     row = step_metrics(run, step, rollouts, record)
+    if RANK > 0:
+        return row
     if row["reward"] == 0 and "no signal" not in run.said:
         run.said.add("no signal")
         tqdm.write(f"note: step {step}: every rollout earned 0, so every advantage is 0 and the step learns nothing "
@@ -2018,19 +2042,26 @@ def release_teacher(run, step):
 @contextlib.contextmanager
 def ctrl_c_saves():
     """Yields a list that becomes non-empty on Ctrl-C: the loop finishes its step and saves. A second Ctrl-C
-    quits at once."""
+    quits at once. Under torchrun, which passes its Ctrl-C (or kill) on to every rank after the terminal's own, each
+    signal only asks to stop; the launcher kills the ranks after its --shutdown-timeout (30 s by default)."""
     requested, previous = [], signal.getsignal(signal.SIGINT)
 
     def on_ctrl_c(*_):
+        if not requested:
+            print("\nCtrl-C: finishing this step, then saving"
+                  + (" (press Ctrl-C again to quit without saving)" if WORLD == 1 else ""))
         requested.append(1)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        print("\nCtrl-C: finishing this step, then saving (press Ctrl-C again to quit without saving)")
+        if WORLD == 1:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
     signal.signal(signal.SIGINT, on_ctrl_c)
+    term = signal.signal(signal.SIGTERM, on_ctrl_c) if WORLD > 1 else None
     try:
         yield requested
     finally:
         signal.signal(signal.SIGINT, previous)
+        if term is not None:
+            signal.signal(signal.SIGTERM, term)
 
 
 def trainer_state(run):
@@ -2106,6 +2137,64 @@ def resume_args(parser, argv):
     if "device" in given and "dtype" not in given:  # the saved dtype was chosen for the saved device
         merged["dtype"] = "auto"
     return argparse.Namespace(**{**vars(args), **merged})
+
+
+# ------------------------------------------------------------------------------------------------ several GPUs
+# `torchrun --nproc_per_node N thinktuning.py ...` starts N processes (ranks), with RANK and WORLD_SIZE set. Rank r
+# samples the r-th of N equal shares of each step's questions (whole groups: rewards and advantages stay on their
+# rank) and the update stays the one-process method: every rank draws the same guidance choice and mini-batch order
+# from the whole step (run.rng is the same on every rank), each mini-batch's token mean counts every rank's tokens,
+# and MasterAdamW sums the ranks' gradients before the clip, so all ranks take the identical step. Rank 0 writes
+# every file. Plain `python thinktuning.py` is rank 0 of 1: no process group, and each function returns its input.
+def start_ranks(args):
+    """Join torchrun's process group: NCCL with one GPU per local rank, gloo on the CPU. Ranks above 0 print
+    nothing but their errors."""
+    if WORLD == 1:
+        return
+    if args.eval or args.report or args.compare is not None:
+        raise UserError("under torchrun only training runs: start --eval, --report and --compare with python")
+    if args.prompts_per_step % WORLD:
+        raise UserError(f"--prompts-per-step {args.prompts_per_step} is not a multiple of the {WORLD} processes: "
+                        f"each takes an equal share of every step's questions")
+    if args.device.startswith("cuda"):
+        args.device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(args.device)
+    torch.distributed.init_process_group("nccl" if args.device.startswith("cuda") else "gloo",
+                                         timeout=datetime.timedelta(hours=1))  # while rank 0 saves or evaluates
+    if RANK:
+        sys.stdout = open(os.devnull, "w")
+
+
+def share(items):
+    """This rank's part of a step-wide list: the RANK-th of WORLD equal contiguous parts."""
+    n = len(items) // WORLD
+    return items[RANK * n:(RANK + 1) * n]
+
+
+def mine(indices, n):
+    """The step-wide row indices that are this rank's, as indices into its own n rows (rank r holds r n ...)."""
+    return [i - RANK * n for i in indices if i // n == RANK]
+
+
+def everyone(items):
+    """Every rank's list, joined in rank order (all_gather_object: any picklable items)."""
+    if WORLD == 1:
+        return items
+    parts = [None] * WORLD
+    torch.distributed.all_gather_object(parts, items)
+    return [x for part in parts for x in part]
+
+
+def gather_step(rollouts, record):
+    """The whole step's rollouts (log-probs moved to the CPU), texts and teacher replies, for its metrics."""
+    if WORLD == 1:
+        return rollouts, record
+    off = RANK * len(rollouts)  # this rank's first row in the step
+    rows = everyone([(replace(r, old_logp=None if r.old_logp is None else r.old_logp.cpu(), ref_logp=None), text)
+                     for r, text in zip(rollouts, record["texts"])])
+    replies = everyone([{**rep, "rollout": rep["rollout"] + off} for rep in record["replies"]])
+    return [r for r, _ in rows], {**record, "texts": [t for _, t in rows], "replies": replies,
+                                  "chosen": everyone([i + off for i in record["chosen"]])}
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
@@ -2610,6 +2699,7 @@ def main(argv=None):
             args = resume_args(parser, argv)
         check_modes(given_flags(parser, argv))
         check_args(args)
+        start_ranks(args)  # several GPUs (torchrun) only
         folders = [f.strip() for f in (args.compare or "").split(",") if f.strip()]
         if args.compare is not None and not folders:
             raise UserError(f"--compare {args.compare!r} names no run folder: use --compare A,B")
@@ -2637,6 +2727,8 @@ def main(argv=None):
     finally:
         while HELD:  # let go of the run folders
             HELD.popitem()[1].close()
+        if WORLD > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return 0
 
 
