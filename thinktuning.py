@@ -27,11 +27,8 @@ Where this file departs from the paper or the authors' code (README, "Departures
 - the AAS denominator d is floored at 1e-30, so a token whose p underflows to 0 gives no NaN; the PPO log-ratio
   is clamped to [-20, 20] (as verl), so a teacher token's very low old log-prob cannot overflow the ratio.
 - 32 prompts per step by default, not 128: one GPU.
-Any OpenAI-compatible server can be the teacher (--teacher URL; README, "A teacher behind a server").
-Left out on purpose (README, "Left out on purpose"): several GPUs and vLLM for the student ("Beyond one GPU"),
-top-p below 1 (the loss scores the full distribution), LoRA,
-learning-rate schedules and warm-up, an entropy bonus, a computer algebra system in the grader (it compares
-expressions by evaluating them at random points instead), sharing the teacher's few-shot prefix cache.
+The teacher can also be any OpenAI-compatible server (--teacher URL), and torchrun runs it on several GPUs (each
+rank samples whole groups; the update is the one-process method). Left out on purpose, and why: README.
 """
 import argparse
 import cmath
@@ -60,9 +57,6 @@ try:
     import fcntl  # one process per run folder (POSIX; Windows runs without the lock)
 except ImportError:
     fcntl = None
-RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # torchrun's (Part II)
-if RANK:  # several GPUs: only rank 0 draws progress bars
-    os.environ.setdefault("TQDM_DISABLE", "1")
 try:
     import torch
     import torch.nn.functional as F
@@ -170,10 +164,6 @@ TEACHER_DEMOS = [
 ]
 
 
-def teacher_reply(opinion, reason, phrase):
-    return f"<opinion>{opinion}</opinion>\n<reason>{reason}</reason>\n<phrase>{phrase}</phrase>"
-
-
 def teacher_query(question, response):
     return f"Problem:\n{question}\n\nStudent's solution:\n{response}"
 
@@ -181,8 +171,8 @@ def teacher_query(question, response):
 def teacher_messages(question, response):
     msgs = [{"role": "system", "content": TEACHER_SYSTEM}]
     for q, r, op, reason, phrase in TEACHER_DEMOS:
-        msgs += [{"role": "user", "content": teacher_query(q, r)},
-                 {"role": "assistant", "content": teacher_reply(op, reason, phrase)}]
+        reply = f"<opinion>{op}</opinion>\n<reason>{reason}</reason>\n<phrase>{phrase}</phrase>"
+        msgs += [{"role": "user", "content": teacher_query(q, r)}, {"role": "assistant", "content": reply}]
     return msgs + [{"role": "user", "content": teacher_query(question, response)}]
 
 
@@ -1278,10 +1268,9 @@ def gpqa_item(row):
     options = [row["Correct Answer"]] + [row[f"Incorrect Answer {k}"] for k in (1, 2, 3)]
     order = list(range(4))
     random.Random(zlib.crc32(row["Question"].encode())).shuffle(order)
-    letters = "ABCD"
     text = row["Question"].strip() + "\n\n" + "\n".join(
-        f"({letters[j]}) {str(options[o]).strip()}" for j, o in enumerate(order))
-    return {"question": text + GPQA_INSTRUCTION, "gold": letters[order.index(0)]}
+        f"({'ABCD'[j]}) {str(options[o]).strip()}" for j, o in enumerate(order))
+    return {"question": text + GPQA_INSTRUCTION, "gold": "ABCD"[order.index(0)]}
 
 
 def to_problems(rows, name):
@@ -1466,11 +1455,8 @@ _STATIC = {}
 def left_pad(seqs, pad_id, device, width=None):
     """[B, P] ids and mask, prompts aligned to the right so that generation continues every row at column P."""
     width = max(width or 0, max(len(s) for s in seqs))
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[i, width - len(s):] = 1
+    ids = torch.tensor([[pad_id] * (width - len(s)) + list(s) for s in seqs], dtype=torch.long)
+    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], dtype=torch.long)
     return ids.to(device), mask.to(device)
 
 
@@ -1659,10 +1645,8 @@ class MasterAdamW:
 
     def __init__(self, model, lr, weight_decay, fused=False):
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.master = [p if p.dtype == torch.float32 else p.detach().float().requires_grad_(True)
-                       for p in self.params]
-        self.opt = torch.optim.AdamW(self.master, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay,
-                                     fused=fused)
+        self.master = [p if p.dtype == torch.float32 else p.detach().float().requires_grad_(True) for p in self.params]
+        self.opt = torch.optim.AdamW(self.master, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay, fused=fused)
 
     def separate(self):
         """Whether the master weights are copies (bf16 weights) rather than the weights themselves."""
@@ -2146,6 +2130,9 @@ def resume_args(parser, argv):
 # from the whole step (run.rng is the same on every rank), each mini-batch's token mean counts every rank's tokens,
 # and MasterAdamW sums the ranks' gradients before the clip, so all ranks take the identical step. Rank 0 writes
 # every file. Plain `python thinktuning.py` is rank 0 of 1: no process group, and each function returns its input.
+RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
 def start_ranks(args):
     """Join torchrun's process group: NCCL with one GPU per local rank, gloo on the CPU. Ranks above 0 print
     nothing but their errors."""
@@ -2161,8 +2148,8 @@ def start_ranks(args):
         torch.cuda.set_device(args.device)
     torch.distributed.init_process_group("nccl" if args.device.startswith("cuda") else "gloo",
                                          timeout=datetime.timedelta(hours=1))  # while rank 0 saves or evaluates
-    if RANK:
-        sys.stdout = open(os.devnull, "w")
+    if RANK:  # no output, no progress bars
+        sys.stdout, tqdm.__init__ = open(os.devnull, "w"), functools.partialmethod(tqdm.__init__, disable=True)
 
 
 def share(items):
@@ -2327,7 +2314,6 @@ def run_eval(args):
         f.writelines(json.dumps(p) + "\n" for p in all_preds)
     print(markdown(EVAL_HEAD, eval_rows(results)))
     print(f"wrote {write_report(args.out)}")
-    return results
 
 
 def wilson_interval(k, n, z=1.96):
@@ -2417,7 +2403,6 @@ def compare_runs(folders):
     lines.append("Accuracy [95% Wilson interval]. Runs: " + "; ".join(made) + ". The paper's numbers are "
                  "Llama-3.2-3B-Instruct on whole benchmarks, greedy pass@1: not comparable to another model or limit.")
     print("\n".join(lines))
-    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------ the report page
