@@ -3337,7 +3337,8 @@ def test_two_ranks_train_stop_on_ctrl_c_save_and_resume_on_one(model_dirs, train
         time.sleep(0.1)
     proc.send_signal(signal.SIGINT)  # to the launcher, which passes it on to both ranks
     stdout, stderr = proc.communicate(timeout=120)
-    assert "checkpoint saved" in stdout and 'thinktuning.py", line' not in stderr  # torchrun's own traceback only
+    assert "checkpoint saved" in stdout and "2 processes, 4 rollouts each" in stdout  # the plan: each rank's share
+    assert 'thinktuning.py", line' not in stderr  # torchrun prints a traceback of its own, the ranks none
     rows = read_jsonl(out / "metrics.jsonl")
     k = len(rows)
     saved = torch.load(out / "ckpt" / "trainer_state.pt", weights_only=False)

@@ -2026,8 +2026,7 @@ def release_teacher(run, step):
 @contextlib.contextmanager
 def ctrl_c_saves():
     """Yields a list that becomes non-empty on Ctrl-C: the loop finishes its step and saves. A second Ctrl-C
-    quits at once. Under torchrun, which passes its Ctrl-C (or kill) on to every rank after the terminal's own, each
-    signal only asks to stop; the launcher kills the ranks after its --shutdown-timeout (30 s by default)."""
+    quits at once, except under torchrun, which passes its own Ctrl-C on to every rank after the terminal's."""
     requested, previous = [], signal.getsignal(signal.SIGINT)
 
     def on_ctrl_c(*_):
@@ -2039,13 +2038,10 @@ def ctrl_c_saves():
             signal.signal(signal.SIGINT, signal.default_int_handler)
 
     signal.signal(signal.SIGINT, on_ctrl_c)
-    term = signal.signal(signal.SIGTERM, on_ctrl_c) if WORLD > 1 else None
     try:
         yield requested
     finally:
         signal.signal(signal.SIGINT, previous)
-        if term is not None:
-            signal.signal(signal.SIGTERM, term)
 
 
 def trainer_state(run):
@@ -2147,7 +2143,7 @@ def start_ranks(args):
         args.device = f"cuda:{os.environ['LOCAL_RANK']}"
         torch.cuda.set_device(args.device)
     torch.distributed.init_process_group("nccl" if args.device.startswith("cuda") else "gloo",
-                                         timeout=datetime.timedelta(hours=1))  # while rank 0 saves or evaluates
+                                         timeout=datetime.timedelta(hours=1))  # while rank 0 saves a checkpoint
     if RANK:  # no output, no progress bars
         sys.stdout, tqdm.__init__ = open(os.devnull, "w"), functools.partialmethod(tqdm.__init__, disable=True)
 
