@@ -9,24 +9,23 @@ https://arxiv.org/abs/2508.07616. The README writes out every equation beside th
 
 Part I is the method, in the order of one training step. Part II is machinery that a first reading may skip.
 
-Where this file departs from the paper or the authors' code (README, "Departures", says why for each):
+Where this file departs from the paper or the authors' code (README, "Departures", says why for each).
+What changes the learning signal:
 - gamma(A) = clip(A / 4000, -0.001, 0.001); the authors' clamp had its bounds swapped (gamma = -0.001 always).
-- "finished" is read from the sampled token ids; the authors read EOS from decoded text (reward always 0).
-- the teacher's reply must be exactly the three tags, in order, non-empty, ended by EOS (authors: a check
-  whose unescaped pattern let malformed but complete replies through).
+- "finished" is read from the sampled ids, any stop id of the generation config counting as EOS; the authors read
+  EOS from decoded text (reward always 0).
+- the teacher's reply must be exactly the three tags, in order, non-empty, ended by EOS (authors: a check whose
+  unescaped pattern let malformed replies through); a reply over --teacher-text-max tokens (not truncated) or a
+  query over --teacher-max-prompt-len (authors: left-truncated) leaves the rollout unguided.
 - a guided rollout is graded on the teacher's text alone (authors: the whole spliced sequence).
-- teacher text over --teacher-text-max tokens leaves the rollout unguided (it is not truncated).
-- a teacher prompt over --teacher-max-prompt-len leaves the rollout unguided (authors: left-truncated).
-- any stop id of the model's generation config counts as EOS, not only the tokenizer's.
-- the token mean runs over the whole mini-batch (authors' verl: per micro-batch); gradients add up over
-  micro-batches in the model's dtype (bf16 on a GPU) and AdamW updates fp32 master weights.
-- dual clip (c = 3) applies in every step, also after guidance ends.
-- rows whose advantage is 0 are neither scored nor back-propagated when --kl-beta is 0 (their loss and
-  gradient are exactly 0); their tokens still count in the token mean.
-- no dropout while training; the checkpoint's own sampling defaults (top_k, min_p...) are ignored.
-- the AAS denominator d is floored at 1e-30, so a token whose p underflows to 0 gives no NaN; the PPO log-ratio
-  is clamped to [-20, 20] (as verl), so a teacher token's very low old log-prob cannot overflow the ratio.
-- 32 prompts per step by default, not 128: one GPU.
+- the token mean runs over the whole mini-batch (authors' verl: per micro-batch); dual clip (c = 3) in every step.
+- the teacher's system prompt and demonstrations are this file's own wording; 32 prompts per step, not 128.
+- not a departure: AAS shapes the student's own prefix of a guided rollout too, as the authors' code does
+  (--guide-teacher-tokens-only shapes the teacher's tokens alone).
+Engineering, the same learning signal: rows whose advantage is 0 are neither scored nor back-propagated when
+--kl-beta is 0 (their loss and gradient are exactly 0; their tokens count in the token mean); gradients add up in
+the model's dtype and AdamW updates fp32 master weights; no dropout; the checkpoint's sampling defaults (top_k,
+min_p...) are ignored; the AAS denominator is floored at 1e-30 and the PPO log-ratio clamped to [-20, 20] (as verl).
 The teacher can also be any OpenAI-compatible server (--teacher URL), and torchrun runs it on several GPUs (each
 rank samples whole groups; the update is the one-process method). Left out on purpose, and why: README.
 """
@@ -67,6 +66,8 @@ except KeyboardInterrupt:  # Ctrl-C while torch loads: no traceback
 # ################################################################################################################
 # PART I. THE METHOD, in the order of one training step
 # ################################################################################################################
+# Part II names used here: render_chat = the chat template with the assistant header, nothing added; stops = the
+# tokenizer's EOS and every eos id of the generation config; RANK, WORLD, share, mine, everyone: torchrun (or no-op).
 
 # ------------------------------------------------------------------------------------------------ settings
 # The method's hyperparameters; each help says the paper's value. Machinery flags: Part II.
@@ -527,7 +528,7 @@ def token_share(micro_tokens, minibatch_tokens):
 
 def update(model, rollouts, optim, args, rng):
     """Step 9: one pass over the step's rollouts in --minibatches AdamW steps; each mini-batch's loss is one
-    token mean over all of its rollouts, accumulated over micro-batches of --micro-batch rows."""
+    token mean over all of its rollouts, accumulated over micro-batches of --micro-batch rows (8; memory only)."""
     order = list(range(len(rollouts) * WORLD))  # the step's rows; several GPUs: mine() picks this rank's
     rng.shuffle(order)
     size = len(order) // args.minibatches
@@ -549,7 +550,8 @@ def update(model, rollouts, optim, args, rng):
             stats.append(st)
             loss_sum += loss.item() * share
         # Every micro-batch finite (on every rank): step, also when no row could move the weights (weight decay
-        # applies; several GPUs: the step sums the ranks' gradients first). Else skip this update, keep training.
+        # applies). optim.step sums the ranks' gradients (several GPUs), clips their norm, skips a non-finite one
+        # and returns (norm, stepped). Else skip this update, keep training.
         norm, ok = optim.step(args.grad_clip) if all(everyone([finite])) else (optim.zero_grad(), False)
         skipped += not ok
         if ok:  # loss and gradient norm describe the mini-batches that stepped
@@ -641,7 +643,7 @@ def train(args):
             row = log_step(run, step, rollouts, record)  # metrics.jsonl, samples.jsonl
             bar.set_postfix(reward=f"{row['reward']:.3f}", guided=row["n_guided"], loss=f"{row['loss']:.4f}")
             if run.teacher is not None and guidance_pct(step + 1, args.schedule_steps) == 0:
-                release_teacher(run, step)  # plain GRPO from here on
+                release_teacher(run, step)  # plain GRPO from here on: the teacher's weights and cache are freed
             stop = any(everyone([bool(stop_requested)]))  # several GPUs: every rank stops after the same step
             if RANK == 0 and (step % args.save_every == 0 or step == args.steps or stop):  # rank 0 writes files
                 save_checkpoint(args.out, run.student, run.tok, trainer_state(run))
