@@ -3335,7 +3335,8 @@ def test_two_ranks_train_stop_on_ctrl_c_save_and_resume_on_one(model_dirs, train
     while len(read_jsonl(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else []) < 2:
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
         time.sleep(0.1)
-    proc.send_signal(signal.SIGINT)  # to the launcher, which passes it on to both ranks
+    proc.send_signal(signal.SIGINT)  # as a terminal's Ctrl-C: the ranks run in sessions of their own, so only the
+    # launcher gets it, and it passes it on to both ranks
     stdout, stderr = proc.communicate(timeout=120)
     assert "checkpoint saved" in stdout and "2 processes, 4 rollouts each" in stdout  # the plan: each rank's share
     assert 'thinktuning.py", line' not in stderr  # torchrun prints a traceback of its own, the ranks none

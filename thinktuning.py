@@ -2028,16 +2028,14 @@ def release_teacher(run, step):
 @contextlib.contextmanager
 def ctrl_c_saves():
     """Yields a list that becomes non-empty on Ctrl-C: the loop finishes its step and saves. A second Ctrl-C
-    quits at once, except under torchrun, which passes its own Ctrl-C on to every rank after the terminal's."""
+    quits at once. (torchrun's ranks run in sessions of their own: only the launcher gets a terminal's Ctrl-C, and
+    it passes one on to every rank.)"""
     requested, previous = [], signal.getsignal(signal.SIGINT)
 
     def on_ctrl_c(*_):
-        if not requested:
-            print("\nCtrl-C: finishing this step, then saving"
-                  + (" (press Ctrl-C again to quit without saving)" if WORLD == 1 else ""))
         requested.append(1)
-        if WORLD == 1:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        print("\nCtrl-C: finishing this step, then saving (press Ctrl-C again to quit without saving)")
 
     signal.signal(signal.SIGINT, on_ctrl_c)
     try:
