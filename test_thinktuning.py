@@ -2538,9 +2538,9 @@ def test_report_one_curve_per_metric_with_as_many_points_as_steps(run_dir):
     page, rows = page_of(run_dir), metric_rows()
     for m in METRICS:
         lines = page.find("polyline", **{"data-metric": m})
-        assert len(lines) == 1, m
+        assert len(lines) == (2 if m == "grad_norm" else 1), m  # grad_norm has no value at step 4: a gap
         want = sum(r.get(m) is not None for r in rows)
-        assert len(lines[0][0]["points"].split()) == want, m
+        assert sum(len(a["points"].split()) for a, _ in lines) == want, m
     assert not page.find("polyline", **{"data-metric": "peak_mem_gb"})  # never logged: no chart
     assert {a["data-metric"] for a, _ in page.find("svg")} >= {"reward", "clip", "seconds", "eval_accuracy"}
 
@@ -3365,3 +3365,77 @@ def test_two_ranks_errors_are_one_line_each_and_end_in_seconds(model_dirs, train
     _, err = proc.communicate(timeout=120)
     assert proc.returncode != 0 and err.count("error: ") == 1 and "already holds a training run" in err
     assert time.time() - start < 100  # torchrun stops the waiting rank at once (its default timeout is an hour)
+
+
+
+# --------------------------------------------------------------------------------------------- report page, for a researcher
+def chart(page_text, cid):
+    """The elements of one chart (svg data-metric=cid) of a page."""
+    svg = page_text.split(f'<svg data-metric="{cid}"', 1)[1].split("</svg>", 1)[0]
+    return Page(f'<svg data-metric="{cid}"{svg}</svg>')
+
+
+def test_report_axes_ticks_units_and_zero_line(tmp_path):
+    rows = [{"step": s, "loss": [0.02, -0.01, 0.005, -0.03][s - 1], "t_student": [1.74e-05, 0.01, 0.05, 0.03][s - 1],
+             "response_len": 100 + 10 * s} for s in range(1, 5)]
+    write_jsonl(tmp_path / "metrics.jsonl", rows)
+    text = open(tt.write_report(str(tmp_path)), encoding="utf-8").read()
+    loss, secs, length = chart(text, "loss"), chart(text, "seconds"), chart(text, "response_len")
+    assert len(loss.find("line", **{"class": "zero"})) == 1 and not length.find("line", **{"class": "zero"})
+    # the zero line sits between the y positions of the largest and smallest loss
+    ys = [float(p.split(",")[1]) for p in loss.find("polyline")[0][0]["points"].split()]
+    assert min(ys) < float(loss.find("line", **{"class": "zero"})[0][0]["y1"]) < max(ys)
+    for page, unit in ((loss, "token mean"), (secs, "s"), (length, "tokens")):
+        labels = [t for a, t in page.find("text") if "class" not in a]
+        assert [t for a, t in page.find("text", **{"class": "ax"})] == [unit, "step"]
+        assert labels[-3:] == ["1", "2", "4"] or labels[-3:] == ["1", "3", "4"]  # x: first, middle, last step
+    y_secs = [t for a, t in secs.find("text") if a.get("text-anchor") == "end" and "class" not in a][:3]
+    assert y_secs == ["0", "0.025", "0.05"] and not re.search(r">[-\d.]+e-\d+<", text)  # 1.74e-05 reads 0
+    assert [t for a, t in length.find("text") if a.get("text-anchor") == "end"][:3] == ["110", "125", "140"]
+
+
+def test_report_gap_where_a_dense_series_has_no_value(run_dir):
+    text = open(tt.write_report(str(run_dir)), encoding="utf-8").read()
+    lines = chart(text, "grad_norm").find("polyline")  # steps 1-3, then 5: nothing drawn across step 4
+    xs = [[float(p.split(",")[0]) for p in a["points"].split()] for a, _ in lines]
+    assert [len(x) for x in xs] == [3, 1] and xs[1][0] - xs[0][-1] == pytest.approx(2 * (xs[0][1] - xs[0][0]))
+    assert len(chart(text, "eval_accuracy").find("polyline")) == 1  # a sparse series (evaluations) joins its points
+
+
+def test_report_compare_overlays_curves_of_the_other_run(run_dir, tmp_path):
+    other = tmp_path / "run_b"
+    other.mkdir()
+    write_jsonl(other / "metrics.jsonl", [{**r, "reward_unguided": 0.9, "reflect_rate": 0.5} for r in metric_rows()])
+    text = open(tt.write_report(str(run_dir), others=[str(other)]), encoding="utf-8").read()
+    for cid, m in (("reward", "reward_unguided"), ("reflect_rate", "reflect_rate"), ("response_len", "response_len")):
+        ours, theirs = (chart(text, cid).find("polyline", **{"data-metric": name}) for name in (m, f"run_b: {m}"))
+        assert len(ours) == len(theirs) == 1 and ours[0][0]["points"] != theirs[0][0]["points"] or m == "response_len"
+        assert len(theirs[0][0]["points"].split()) == 5 and f"run_b: {m}" in chart(text, cid).find("text")[1][1]
+    assert not chart(text, "loss").find("polyline", **{"data-metric": "run_b: loss"})  # only the compared curves
+
+
+def test_step_metrics_teacher_tokens_aas_weight_on_its_own():
+    # one guided rollout (A > 0): 2 student tokens, 2 teacher tokens and the stop token; default AAS covers all 5
+    p = [0.9, 0.8, 0.0002, 0.001, 0.5]
+    r = tt.Rollout("q", "5", [0], [7, 8, 9, 10, 1], finished=True, guided=True, n_student=2, reward=1.0, adv=0.7,
+                   old_logp=torch.tensor(p).log())
+    plain = tt.Rollout("q", "5", [0], [7, 1], finished=True, reward=0.0, adv=-0.7)
+    args = SimpleNamespace(group_size=2, eval_every=0, device="cpu", guide_teacher_tokens_only=False)
+    record = {"replies": [], "texts": ["a", "b"], "pct": 0.1, "chosen": [0], "update": {}, "seconds": []}
+    row = tt.step_metrics(SimpleNamespace(args=args), 1, [r, plain], record)
+    g = 0.7 / 4000
+    want = sum(x / (x + g) for x in p[2:]) / 3  # the teacher's tokens and the stop token, not the student's two
+    assert row["aas_weight_teacher"] == pytest.approx(want, rel=1e-5)
+    assert want < sum(x / (x + g) for x in p) / 5 - 0.05  # the student's tokens (~1) would dilute it
+
+
+def test_sample_record_never_ends_inside_a_character():
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tk = Tokenizer(models.BPE({c: i for i, c in enumerate(alphabet)}, []))
+    tk.pre_tokenizer, tk.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    btok = PreTrainedTokenizerFast(tokenizer_object=tk)
+    ids = btok("ab\u00e9", add_special_tokens=False)["input_ids"]  # "é" is two bytes: two tokens
+    assert len(ids) == 4 and btok.decode(ids[:3]).endswith("\ufffd")
+    r = tt.Rollout("q", "5", [0], ids[:3], finished=False, n_student=3)  # cut at the length limit, mid-character
+    rec = tt.sample_record(SimpleNamespace(tok=btok, args=None), 1, r)
+    assert rec["student"] == "ab" and rec["finished"] is False

@@ -1956,6 +1956,8 @@ def step_metrics(run, step, rollouts, record):
     args, replies = run.args, record["replies"]
     whys = [rep["why"] for rep in replies if rep["why"]]
     guided = [r for r in rollouts if r.guided]
+    teach = [w for r in guided if r.adv != 0 and r.old_logp is not None  # the teacher's tokens alone, stop token too
+             for w, u in zip(*[t[r.n_student:].tolist() for t in aas_weights(r, False)[1:]]) if u]
     own = [(r, text) for r, text in zip(rollouts, record["texts"]) if not r.guided]
     spread = torch.tensor([r.reward for r in rollouts]).view(-1, args.group_size).std(1)  # [B]
     row = {"step": step, "reward": sum(r.reward for r in rollouts) / len(rollouts),
@@ -1969,6 +1971,7 @@ def step_metrics(run, step, rollouts, record):
            "response_len": sum(len(r.response) for r in rollouts) / len(rollouts),
            "finished_frac": sum(r.finished for r in rollouts) / len(rollouts),
            "reflect_rate": nanmean([float(bool(REFLECTIVE.search(text))) for _, text in own]),
+           "aas_weight_teacher": nanmean(teach),
            **record["update"], **dict(zip(("t_student", "t_teacher", "t_logprob", "t_update"), record["seconds"]))}
     if args.eval_every and step % args.eval_every == 0:  # held-out accuracy, in the sampler's shape
         held_out, _ = evaluate(run.student, run.tok, run.eval_items, run.student_how)  # greedy: k = 1
@@ -1979,18 +1982,22 @@ def step_metrics(run, step, rollouts, record):
     return row
 
 
+def aas_weights(r, teacher_tokens_only):
+    """A guided rollout's p, AAS weight p / d (exactly 1 where A = 0) and the tokens AAS shapes (the routing of
+    policy_loss), token by token at its old log-probs: [T] each."""
+    A = torch.full((len(r.response),), r.adv)  # [T]
+    p = r.old_logp.cpu().exp() if r.old_logp is not None else torch.ones(len(r.response))  # [T]
+    return p, p / aas_d(p, A), guided_mask(r, teacher_tokens_only).bool() & ~((A < 0) & (p < 0.01))
+
+
 def sample_record(run, step, r):
     """A rollout for samples.jsonl; a guided one also token by token, with p and its AAS weight p / d."""
     rec = {"step": step, "question": r.question, "gold": r.gold, "reward": r.reward, "adv": r.adv,
            "finished": r.finished, "guided": r.guided,
-           "student": run.tok.decode(r.response[:r.n_student], skip_special_tokens=True),
+           "student": run.tok.decode(r.response[:r.n_student], skip_special_tokens=True).rstrip("\ufffd"),
            "teacher": r.teacher_text}
     if r.guided:
-        g = guided_mask(r, run.args.guide_teacher_tokens_only).bool()  # [T]
-        A = torch.full((len(r.response),), r.adv)  # [T]
-        p = r.old_logp.cpu().exp() if r.old_logp is not None else torch.ones(len(r.response))  # [T]
-        weight = p / aas_d(p, A)  # [T]; exactly 1 where A = 0 (then p is not scored)
-        use = g & ~((A < 0) & (p < 0.01))  # the routing of policy_loss
+        p, weight, use = aas_weights(r, run.args.guide_teacher_tokens_only)
         rec.update(tokens=[run.tok.decode([i]) for i in r.response], n_student=r.n_student,
                    p=[float(f"{x:.4g}") for x in p.tolist()] if r.old_logp is not None else None,
                    weight=[float(f"{w:.4g}") if u else None for w, u in zip(weight.tolist(), use.tolist())])
@@ -2226,7 +2233,7 @@ def evaluate(model, tok, items, how, k=1, desc="eval"):
         idx = [i for i in order[b:b + per_call] for _ in range(k)]
         responses, finished = generate(model, [prompts[i] for i in idx], how, desc="tokens")
         for j, (i, r, f) in enumerate(zip(idx, responses, finished)):
-            text = tok.decode(r, skip_special_tokens=True)
+            text = tok.decode(r, skip_special_tokens=True).rstrip("\ufffd")  # a cut may end inside a character
             preds.append({"index": i, "sample": j % k, "question": items[i]["question"], "gold": items[i]["gold"],
                           "response": text, "extracted": extract_answer(text),
                           "correct": bool(f and grade(text, items[i]["gold"])), "finished": f, "length": len(r)})
@@ -2403,19 +2410,24 @@ def compare_runs(folders):
 
 # ------------------------------------------------------------------------------------------------ the report page
 # One self-contained HTML page (inline SVG and CSS, no script) from whatever a run folder holds.
-# (id, title, series): one small chart each; a chart whose series never have a value is left out.
-CHARTS = [("reward", "reward", "reward reward_guided reward_unguided"), ("loss", "loss", "loss"),
-          ("eval_accuracy", "held-out accuracy %", "eval_accuracy"), ("guidance_pct", "guidance pct", "guidance_pct"),
-          ("response_len", "response length", "response_len"), ("finished_frac", "finished fraction", "finished_frac"),
-          ("reflect_rate", "reflect rate", "reflect_rate"), ("clip", "clip fractions", "clip_frac dual_clip_frac"),
-          ("aas_weight", "mean AAS weight p/d", "aas_weight"), ("grad_norm", "grad norm", "grad_norm"),
-          ("seconds", "seconds per phase", "t_student t_teacher t_logprob t_update"), ("kl", "KL", "kl"),
-          ("peak_mem_gb", "peak GPU memory GB", "peak_mem_gb")]
+# (id, title, y-axis unit, series): one small chart each; a chart whose series never have a value is left out.
+CHARTS = [("reward", "reward", "mean of 0/1", "reward reward_guided reward_unguided"),
+          ("loss", "loss", "token mean", "loss"), ("eval_accuracy", "held-out accuracy", "%", "eval_accuracy"),
+          ("guidance_pct", "guidance pct", "fraction", "guidance_pct"),
+          ("response_len", "response length", "tokens", "response_len"),
+          ("finished_frac", "finished", "fraction", "finished_frac"),
+          ("reflect_rate", "own rollouts reflecting", "fraction", "reflect_rate"),
+          ("clip", "clipped PPO tokens", "fraction", "clip_frac dual_clip_frac"),
+          ("aas_weight", "AAS weight p/d", "token mean", "aas_weight aas_weight_teacher"),
+          ("grad_norm", "gradient norm", "before clip", "grad_norm"),
+          ("seconds", "time per phase", "s", "t_student t_teacher t_logprob t_update"), ("kl", "KL", "k3", "kl"),
+          ("peak_mem_gb", "peak GPU memory", "GB", "peak_mem_gb")]
+OVERLAID = {"reward_unguided", "reflect_rate", "response_len"}  # --report A --compare B draws B's beside A's
 COLORS = ["#1f5fa8", "#d2691e", "#2e8b57", "#8b3a8b"]
 DASHES = ["", "6 3", "2 3", "8 3 2 3"]  # equal curves would hide each other: each series has its own dash
 CSS = """body{font:14px/1.45 system-ui,sans-serif;margin:24px;color:#222;max-width:1160px}h2{margin-top:28px}
 .charts{display:flex;flex-wrap:wrap;gap:10px}svg text{font:11px sans-serif;fill:#333}.ttl{font-weight:bold}
-.frame{fill:none;stroke:#bbb}.band{fill:#fde9b8}table{border-collapse:collapse}.note,.hdr{color:#555;font-size:13px}
+.frame{fill:none;stroke:#bbb}.zero{stroke:#999;stroke-dasharray:3 3}svg .ax{fill:#777}.band{fill:#fde9b8}table{border-collapse:collapse}.note,.hdr{color:#555;font-size:13px}
 td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}td{white-space:nowrap}
 td:first-child,th:first-child{text-align:left}
 .roll{border:1px solid #ccc;border-radius:4px;margin:14px 0;padding:8px}.sw{padding:0 8px;border:1px solid #ccc}
@@ -2425,56 +2437,77 @@ td:first-child,th:first-child{text-align:left}
 .ppo{outline:1px dotted #444;background:repeating-linear-gradient(45deg,#ddd 0 3px,#fff 3px 6px)}"""
 
 
-def line_chart(cid, title, steps, series, bands):
-    """One small SVG line chart; series = [(metric, values aligned with steps, None = no value)]. Steps without
-    a value are skipped, so each polyline has exactly one point per step that logged the metric."""
-    W, H, L, R, T, B = 370, 180, 52, 12, 34, 22  # size and margins in px: room for the title and labels
-    lines = [(m, pts, col, dash) for (m, vals), col, dash in zip(series, COLORS, DASHES)
-             for pts in [[(s, v) for s, v in zip(steps, vals) if v is not None]] if pts]
+def tick(v, span):
+    """A tick label with the decimals the chart's span needs: 0.00002 on a 0-0.05 axis reads 0, not 2e-05."""
+    d = max(0, 2 - math.floor(math.log10(span))) if span > 0 else 3
+    return f"{v:.{d}f}".rstrip("0").rstrip(".").replace("-0", "0") if d else f"{v:.0f}"
+
+
+def line_chart(cid, title, unit, series, bands):
+    """One small SVG line chart; series = [(name, [(step, value or None)])]. A series that has a value at most of
+    its steps breaks its line where one is missing; a sparse one (evaluations) joins its points."""
+    W, H, L, R, T, B = 370, 190, 52, 12, 34, 32  # size and margins in px: room for the title and labels
+    lines = []
+    for (m, pts), col, dash in zip(series, COLORS * 2, DASHES + DASHES[::-1]):
+        dense, segs = 2 * sum(v is not None for _, v in pts) > len(pts), [[]]
+        for st, v in pts:
+            if v is not None:
+                segs[-1].append((st, v))
+            elif dense and segs[-1]:
+                segs.append([])
+        lines += [(m, seg, col, dash) for seg in segs if seg]
     if not lines:
         return ""
-    ys = [v for _, pts, _, _ in lines for _, v in pts]
-    x0, x1, y0, y1 = min(steps), max(steps), min(ys), max(ys)
-    def X(s): return L + (s - x0) / ((x1 - x0) or 1) * (W - L - R)
+    xs, ys = [st for _, pts, _, _ in lines for st, _ in pts], [v for _, pts, _, _ in lines for _, v in pts]
+    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+    def X(st): return L + (st - x0) / ((x1 - x0) or 1) * (W - L - R)
     def Y(v): return H - B - 5 - (v - y0) / ((y1 - y0) or 1) * (H - T - B - 10)  # 5 px off the frame
-    half = (W - L - R) / max(1, len(steps) - 1) / 2  # a guided step's band is one step wide, centred on it
+    half = (W - L - R) / max(1, x1 - x0) / 2  # a guided step's band is one step wide, centred on it
     out = [f'<svg data-metric="{cid}" width="{W}" height="{H}" viewBox="0 0 {W} {H}">']
     for a, b in bands:
         lo, hi = max(L, X(a) - half), min(W - R, X(b) + half)
         out.append(f'<rect class="band" x="{lo:.1f}" y="{T}" width="{hi - lo:.1f}" height="{H - T - B}"/>')
     out.append(f'<rect class="frame" x="{L}" y="{T}" width="{W - L - R}" height="{H - T - B}"/>')
+    if y0 < 0 < y1:  # a loss changes sign: where zero is
+        out.append(f'<line class="zero" x1="{L}" x2="{W - R}" y1="{Y(0):.1f}" y2="{Y(0):.1f}"/>')
     for m, pts, col, dash in lines:
-        xy = " ".join(f"{X(s):.1f},{Y(v):.1f}" for s, v in pts)
+        xy = " ".join(f"{X(st):.1f},{Y(v):.1f}" for st, v in pts)
         out.append(f'<polyline data-metric="{m}" fill="none" stroke="{col}" stroke-width="1.6" '
                    f'stroke-dasharray="{dash}" points="{xy}"/>')
-        if len(pts) <= 40:  # dots keep a lone point (one eval, one guided step) visible
-            out += [f'<circle cx="{X(s):.1f}" cy="{Y(v):.1f}" r="2.2" fill="{col}"/>' for s, v in pts]
-    legend = "".join(f'<tspan fill="{c}">\u25a0</tspan> {m}  ' for m, _, c, _ in lines) if len(series) > 1 else ""
+        if len(pts) == 1 or len(xs) <= 40:  # dots keep a lone point (one eval, one guided step) visible
+            out += [f'<circle cx="{X(st):.1f}" cy="{Y(v):.1f}" r="2.2" fill="{col}"/>' for st, v in pts]
+    names = dict.fromkeys((m, c) for m, _, c, _ in lines)
+    legend = "".join(f'<tspan fill="{c}">\u25a0</tspan> {html.escape(m)}  ' for m, c in names) if len(series) > 1 else ""
     out += [f'<text class="ttl" x="4" y="14">{html.escape(title)}</text>', f'<text x="4" y="28">{legend}</text>',
-            f'<text x="{L - 4}" y="{Y(y1) + 4:.0f}" text-anchor="end">{y1:.3g}</text>',
-            f'<text x="{L - 4}" y="{Y(y0) + 4:.0f}" text-anchor="end">{y0:.3g}</text>' if y0 != y1 else "",
-            f'<text x="{L}" y="{H - 6}">step {x0:g}</text>',
-            f'<text x="{W - R}" y="{H - 6}" text-anchor="end">{x1:g}</text></svg>']
+            f'<text class="ax" transform="translate(11 {(T + H - B) / 2:.0f}) rotate(-90)">{html.escape(unit)}</text>']
+    for v in dict.fromkeys((y0, (y0 + y1) / 2, y1)):  # y ticks: min, middle, max
+        out.append(f'<text x="{L - 4}" y="{Y(v) + 4:.0f}" text-anchor="end">{tick(v, y1 - y0)}</text>')
+    for st, anchor in dict.fromkeys(((x0, "start"), (round((x0 + x1) / 2), "middle"), (x1, "end"))):
+        out.append(f'<text x="{X(st):.0f}" y="{H - B + 14}" text-anchor="{anchor}">{st:g}</text>')
+    out.append(f'<text class="ax" x="{(L + W - R) / 2:.0f}" y="{H - 4}">step</text></svg>')
     return "\n".join(out)
 
 
-def curves_section(rows):
-    """Every chart of CHARTS over the logged steps, the steps with guided rollouts shaded."""
+def curves_section(rows, others=()):
+    """Every chart of CHARTS over the logged steps, the steps with guided rollouts shaded; others = [(name, rows)] of
+    compared runs, whose OVERLAID curves are drawn on the same charts."""
     if not rows:
         return '<p class="note">No metrics.jsonl in this folder.</p>'
-    steps = [num(r.get("step")) if num(r.get("step")) is not None else i for i, r in enumerate(rows)]
-    guided = [i for i, r in enumerate(rows) if (num(r.get("n_guided")) or 0) > 0]
+    def pts(rs, m): return [(num(r.get("step")) if num(r.get("step")) is not None else i, num(r.get(m)))  # noqa
+                            for i, r in enumerate(rs)]
+    guided = [st for st, n in pts(rows, "n_guided") if (n or 0) > 0]
     bands = []  # [first, last] step of each run of consecutive guided steps
-    for i in guided:
-        if bands and bands[-1][1] == steps[i - 1]:
-            bands[-1][1] = steps[i]
+    for st in guided:
+        if bands and bands[-1][1] == st - 1:
+            bands[-1][1] = st
         else:
-            bands.append([steps[i], steps[i]])
-    charts = [line_chart(cid, title, steps, [(m, [num(r.get(m)) for r in rows]) for m in ms.split()], bands)
-              for cid, title, ms in CHARTS]
+            bands.append([st, st])
+    charts = [line_chart(cid, title, unit, [(m, pts(rows, m)) for m in ms.split()]
+                         + [(f"{name}: {m}", pts(rs, m)) for name, rs in others for m in ms.split() if m in OVERLAID],
+                         bands) for cid, title, unit, ms in CHARTS]
     return (f'<p class="note">{len(rows)} steps logged, {len(guided)} with guided rollouts (shaded: the teacher\'s '
-            f'feedback was spliced onto at least one rollout). Labels: min and max value (left), first and last step '
-            f'(bottom).</p><div class="charts">{"".join(charts)}</div>')
+            f'feedback was spliced onto at least one rollout).</p>'
+            f'<div class="charts">{"".join(charts)}</div>')
 
 
 def teacher_section(rows):
@@ -2623,7 +2656,9 @@ def write_report(out, others=()):
     kind = "GRPO run (--no-teacher)" if settings.get("no_teacher") else "ThinkTuning run" if settings else "Run folder"
     parts = [f"<h1>{kind}: {name}</h1>", "<details><summary>Settings (args.json)</summary>"
              + table("flag|value", [[k, v] for k, v in settings.items()]) + "</details>" if settings else "",
-             "<h2>Training curves</h2>", curves_section(metrics),
+             "<h2>Training curves</h2>", curves_section(metrics, [(os.path.basename(os.path.normpath(f)),
+                                                                  read_jsonl(os.path.join(f, "metrics.jsonl")))
+                                                                 for f in others]),
              "<h2>Teacher</h2>", teacher_section(metrics), "<h2>Evaluation</h2>",
              eval_section(read_json(os.path.join(out, "eval.json")),
                           read_jsonl(os.path.join(out, "eval_samples.jsonl")))]
