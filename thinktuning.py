@@ -903,10 +903,10 @@ def _count_noun_dropped(answer):
     """"18 eggs", "8 birds on the tree" -> the number: a count noun (3 letters or more) does not change its value.
     A scale or joining word does, so "5 dozen", "7 hundred", "2 and three", "4 m" stay as they are."""
     plain = re.sub(r"\\?\$", "", _UNWRAP.sub(r" \1", answer)).strip()  # "$7\text{ birds}$" -> "7  birds"
-    noun = re.fullmatch(r"(-?\d[\d,.]*)\s+([A-Za-z][A-Za-z ]*)", plain)
-    words = noun.group(2).lower().split() if noun else []
+    noun = re.fullmatch(r"(.*=\s*)?(-?\d[\d,.]*)\s+([A-Za-z][A-Za-z ]*)", plain)  # also "3 + 5 = 8 birds"
+    words = noun.group(3).lower().split() if noun else []
     if words and len(words[0]) > 2 and not any(_SCALE.fullmatch(w) or w in ("and", "or", "but") for w in words):
-        return noun.group(1)
+        return (noun.group(1) or "") + noun.group(2)
     return answer
 
 
@@ -946,7 +946,15 @@ def extract_answer(text):
 
 _UNWRAP = re.compile(r"\\(?:text|textbf|textit|textnormal|mathbf|mathrm|mathit|mbox|operatorname)\s*\{([^{}]*)\}")
 _DROP = ("\\left", "\\right", "\\displaystyle", "\\!", "\\,", "\\;", "\\:", "\\$", "$", "\\(", "\\)",
-         "\\[", "\\]", "^\\circ", "^{\\circ}", "\\circ", "°", "\\%", "%", "€", "£", "¥", "**", "`")
+         "\\[", "\\]", "^\\circ", "^{\\circ}", "\\circ", "°", "€", "£", "¥", "**", "`")
+_UNICODE = str.maketrans({"×": "\\times ", "÷": "\\div ", "·": "\\cdot ", "√": "\\sqrt", "∞": "\\infty ", "π": "\\pi ",
+                          "−": "-", "½": "\\frac{1}{2}", "⅓": "\\frac{1}{3}", "⅔": "\\frac{2}{3}", "¼": "\\frac{1}{4}",
+                          "¾": "\\frac{3}{4}"})
+_SUPERSCRIPT = str.maketrans("⁰¹²³⁴⁵⁶⁷⁸⁹⁻", "0123456789-")
+# Words that make the value ("5 thousand" is 5000, "3 dozen" 36); "5 hundred" stays text, as decided before.
+_SCALES = {"thousand": "10^{3}", "million": "10^{6}", "billion": "10^{9}", "trillion": "10^{12}", "dozen": "12"}
+_WORDS = "zero one two three four five six seven eight nine ten eleven twelve".split()  # "The answer is five."
+_RELATIONS = re.compile(r"\\(?:leq?|geq?|neq?|lt|gt)(?![a-z])|[<>!]=")  # one spelling each: ≤ ≥ ≠ < >
 # Known units and currencies only: never a single letter (7y, 3i, 4m), never a scale word (5 dozen).
 _UNIT = (r"(?:(?:centi|milli|kilo)?(?:met(?:er|re)|gram|lit(?:er|re))|inch|foot|feet|yard|mile|pound|ounce|ton|"
          r"gallon|quart|pint|cup|dollar|cent|euro|pence|yen|degree|radian|hour|minute|second|day|week|month|year|"
@@ -966,14 +974,28 @@ def normalize_answer(s):
     s = re.sub(r"(?<=\d)\{,\}(?=\d)", ".", s).replace("{,}", ",")  # ... but "3{,}4" is a decimal comma, 3.4
     for token in _DROP:
         s = s.replace(token, "")
-    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace("π", "\\pi").replace("−", "-")
+    s = re.sub(r"\\[dtc](frac|binom)", r"\\\1", s.translate(_UNICODE))  # \cfrac, \dbinom; ½, x², 2√2, 3×4
+    s = re.sub("[⁰¹²³⁴⁵⁶⁷⁸⁹⁻]+", lambda m: "^{" + m[0].translate(_SUPERSCRIPT) + "}", s)  # 10⁴, x²
+    s = re.sub(r"\s*(?:\\?%|\bpercent(?:age)?|\bpct)\.?$", "%", s.strip())  # the sign kept once, at the end
+    s = _RELATIONS.sub(lambda m: {"<=": "≤", ">=": "≥", "!=": "≠", "\\lt": "<", "\\gt": ">"}.get(m[0])
+                       or "≤≥≠"["lgn".index(m[0][1])], re.sub(r"\\?%(?=.)", "", s))
     s = _UNIT_TAIL.sub("", s.strip().rstrip(".").strip()).strip()  # "5 cm^2" -> "5"; "north", "5x" stay
+    s = re.sub(r"(?<=\d)\s*(thousand|million|billion|trillion|dozen)s?$", lambda m: "\\times" + _SCALES[m[1].lower()], s)
+    s = str(_WORDS.index(s.lower())) if s.lower() in _WORDS else s
+    s = re.sub(r",{2,}", ",", re.sub(r"\s*(?:\\q?quad|;|\band\b|\bor\b)\s*", ",", s))  # "-2 or 3", "(1;2)": lists
     s = re.sub(r"^(-?\d+)\s+(\d+)/(\d+)$", r"\1\\frac{\2}{\3}", s)  # mixed number "1 4/5"
     if re.fullmatch(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?", s):  # one grouping, no spaces: never "2, 345" or a tuple
         s = s.replace(",", "")
     s = re.sub(r"\s+", "", s)
-    s = re.sub(r"^[a-zA-Z](?:=|\\in)", "", s)  # "x=5", "x\in[1,2]"
-    s = re.sub(r"_\{(\w+)\}", r"_\1", s)  # base subscripts: 31_{6} is 31_6 (and never 31)
+    if re.match(r"[a-zA-Z]=", s) and not re.search(r"[a-zA-Z=]", re.sub(r"\\[a-z]+", "", s[2:])):
+        s = s[2:]  # "x=5", "x=\sqrt{2}"; but "y=2x+3" stays an equation
+    s = re.sub(r"^[a-zA-Z](?:\\in|\\approx)", "", s)  # "x\in[1,2]", "x\approx5"
+    s = re.sub(r"\\approx.*", "", s)  # an exact value, then its approximation: "1/3\approx0.33"
+    s = re.sub(r"^\\?\{([^{}]*?)\\?\}$", r"\1", s)  # a set \{1,2,3\} is an unordered list
+    s = re.sub(r"^(-?\d+\.\d+)e([-+]?\d+)$", r"\1\\times10^{\2}", s, flags=re.IGNORECASE)  # 1.5e3 (not 1e3: 1*e*3?)
+    s = s.replace("\\pm", "+") + "," + s.replace("\\pm", "-") if s.count("\\pm") == 1 and "," not in s else s
+    s = re.sub(r"\\log_(\w)", r"\\log_{\1}", s)  # \log_2 8 is log base 2 of 8; other subscripts are bases:
+    s = re.sub(r"(?<!\\log)_\{(\w+)\}", r"_\1", s)  # 31_{6} is 31_6 (and never 31)
     s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)  # \frac12
     s = re.sub(r"\\frac\{([^{}]*)\}(\d)", r"\\frac{\1}{\2}", s)  # \frac{1}2
     s = re.sub(r"\\frac(\d)\{", r"\\frac{\1}{", s)  # \frac1{2}
@@ -982,10 +1004,11 @@ def normalize_answer(s):
 
 
 # Values without a CAS: a small recursive-descent evaluator; exact Fractions while the answer stays rational.
-_TOKEN = re.compile(r"\\(?:frac|sqrt|pi|cdot|times|div|sinh|cosh|tanh|sin|cos|tan|log|ln|exp)|\d+\.?\d*|\.\d+|"
-                    r"[a-z]|[-+*/^(){}\[\]]")
+_TOKEN = re.compile(r"\\(?:frac|binom|sqrt|pi|cdot|times|div|sinh|cosh|tanh|sin|cos|tan|sec|csc|cot|log|ln|exp)|"
+                    r"\d+\.?\d*|\.\d+|[a-z]|[-+*/^(){}\[\]!|_]")
 _FUNCS = {"\\sin": cmath.sin, "\\cos": cmath.cos, "\\tan": cmath.tan, "\\sinh": cmath.sinh, "\\cosh": cmath.cosh,
-          "\\tanh": cmath.tanh, "\\ln": cmath.log, "\\log": cmath.log10, "\\exp": cmath.exp}
+          "\\tanh": cmath.tanh, "\\ln": cmath.log, "\\log": cmath.log10, "\\exp": cmath.exp,
+          "\\sec": lambda z: 1 / cmath.cos(z), "\\csc": lambda z: 1 / cmath.sin(z), "\\cot": lambda z: 1 / cmath.tan(z)}
 _CONSTANTS = {"e": cmath.e, "i": 1j, "\\pi": cmath.pi}
 _FAILS = (ValueError, ZeroDivisionError, OverflowError, TypeError, RecursionError)
 
@@ -1039,15 +1062,18 @@ class _Evaluation:
             elif level == 4 and tok == "^":
                 self.take()
                 return self.power(value, self.expr(3))
+            elif level == 4 and tok == "!":  # 5!
+                self.take()
+                value = Fraction(math.factorial(_integer(value)))
             else:
                 return value
 
     def atom(self):
         tok = self.take()
-        if tok in ("(", "{"):
+        if tok in ("(", "{", "|"):
             value = self.expr()
-            self.take(")" if tok == "(" else "}")
-            return value
+            self.take({"(": ")", "{": "}"}.get(tok, "|"))
+            return abs(value) if tok == "|" else value
         if tok[0].isdigit() or tok[0] == ".":
             mixed = re.fullmatch(r"\\frac\{(\d+)\}\{(\d+)\}", "".join(self.toks[self.at:self.at + 7]))
             if mixed and "." not in tok:  # 2\frac{1}{3} is the mixed number 7/3
@@ -1058,6 +1084,9 @@ class _Evaluation:
             return self.point[tok] if tok in self.point else _CONSTANTS[tok]
         if tok == "\\frac":
             return self.atom() / self.atom()
+        if tok == "\\binom":
+            n, k = _integer(self.atom()), _integer(self.atom())
+            return Fraction(math.comb(n, k))
         if tok == "\\sqrt":  # \sqrt{x}, \sqrt[3]{x}
             index = Fraction(2)
             if self.toks[self.at] == "[":
@@ -1067,15 +1096,16 @@ class _Evaluation:
             return self.power(self.atom(), 1 / index)
         if tok not in _FUNCS:
             raise ValueError(tok)
+        base = self.take() and cmath.log10(self.atom()) if tok == "\\log" and self.toks[self.at] == "_" else 1  # \log_2
         exponent = self.expr(3) if self.toks[self.at] == "^" and self.take() else 1  # \sin^2 x, never \sin^{-1}
         if exponent.real < 1:
             raise ValueError("inverse function")
         if self.toks[self.at] in ("(", "{"):
-            return self.power(_FUNCS[tok](self.atom()), exponent)
+            return self.power(_FUNCS[tok](self.atom()) / base, exponent)
         arg = self.expr(4)
         while self.toks[self.at] not in _FUNCS and self.factor_next():  # \sin 2x is sin(2x)
             arg = arg * self.expr(4)
-        return self.power(_FUNCS[tok](arg), exponent)
+        return self.power(_FUNCS[tok](arg) / base, exponent)
 
     def power(self, base, exponent):
         if abs(exponent) > 4096:
@@ -1089,6 +1119,13 @@ class _Evaluation:
                     raise ValueError("huge power")
                 return base ** int(exponent)
         return complex(base) ** complex(exponent)
+
+
+def _integer(value, limit=1000):
+    """A small non-negative integer value (for n! and binomials), else ValueError."""
+    if not isinstance(value, Fraction) or value.denominator != 1 or not 0 <= value <= limit:
+        raise ValueError("not a small integer")
+    return int(value)
 
 
 def _tokens(s):
@@ -1109,11 +1146,16 @@ def _values(s):
         return None
     names = sorted({t for t in toks if t.isalpha() and t not in _CONSTANTS})
     rnd = random.Random(2024)
-    points = [{v: Fraction(rnd.randint(11, 97), rnd.randint(3, 13)) for v in names} for _ in range(4 if names else 1)]
+    points = [{v: Fraction(rnd.choice((-1, 1)) * rnd.randint(11, 97), rnd.randint(3, 13)) for v in names + ["\\pi", "e"]}
+              for _ in range(4 if names else 1)]  # both signs: \sqrt{x^2} is |x|, not x
     try:
-        return names, [_Evaluation(toks, point).value for point in points]
+        values = [_Evaluation(toks, {v: point[v] for v in names}).value for point in points]
     except _FAILS:
         return None
+    try:  # pi and e also as unknowns: an exact check that \pi + 10^{-15} is not \pi, where floats cannot tell
+        return names, values, [_Evaluation(toks, point).value for point in points]
+    except _FAILS:
+        return names, values, [None]
 
 
 def to_number(s):
@@ -1129,26 +1171,32 @@ def to_number(s):
     return values[1][0] if values and not values[0] and isinstance(values[1][0], Fraction) else None
 
 
+def _close(xs, ys):
+    """Equal value lists: exactly when all are rational, else as complex numbers within 1e-13 relative."""
+    if all(isinstance(v, Fraction) for v in xs + ys):
+        return xs == ys
+    try:
+        return all(cmath.isfinite(x) and cmath.isfinite(y) and abs(x - y) <= 1e-13 * max(abs(x), abs(y)) + 1e-15
+                   for x, y in zip(xs, ys))
+    except OverflowError:  # a huge rational against an irrational
+        return False
+
+
 def _expr_equal(a, b):
     """Equal as expressions: both read, same variables, and equal at the same points: exactly when all values are
     rational, else as complex numbers within 1e-9 relative."""
     va, vb = _values(a), _values(b)
     if va is None or vb is None or va[0] != vb[0]:
         return False
-    if all(isinstance(v, Fraction) for v in va[1] + vb[1]):
-        return va[1] == vb[1]
-    if "." in a + b:
+    if "." in a + b and not all(isinstance(v, Fraction) for v in va[1] + vb[1]):
         return False  # a decimal literal never equals an irrational: 3.14159265 is not \pi
-    try:
-        return all(cmath.isfinite(x) and cmath.isfinite(y) and abs(x - y) <= 1e-9 * max(abs(x), abs(y)) + 1e-14
-                   for x, y in zip(va[1], vb[1]))
-    except OverflowError:  # a huge rational against an irrational
-        return False
+    exact = all(isinstance(v, Fraction) for v in va[2] + vb[2])  # rational in the variables, pi and e
+    return _close(va[1], vb[1]) and (not exact or va[2] == vb[2])
 
 
 def _matrix(s):
     """Rows of cells of a matrix or vector in any bracket environment (pmatrix, bmatrix, array...), or None."""
-    m = re.fullmatch(r"\\begin\{([a-z]*matrix|array)\}(?:\{[a-z|]*\})?(.*)\\end\{\1\}", s)
+    m = re.fullmatch(r"[(\[]?\\begin\{([a-z]*matrix|array)\}(?:\{[a-z|]*\})?(.*)\\end\{\1\}[)\]]?", s)
     return [row.split("&") for row in m[2].split("\\\\") if row] if m else None
 
 
@@ -1177,52 +1225,76 @@ def _strip_parens(s):
 def _atom_equal(a, b):
     if a == b:
         return True
+    if a.endswith("%") or b.endswith("%"):  # a percent is its number, never a fraction: 25% is 25, not 0.25, and
+        x, y = to_number(a.rstrip("%")), to_number(b.rstrip("%"))  # against a bare gold only a whole one (not 0.25)
+        return x is not None and x == y and (b.endswith("%") or x.denominator == 1)
     x, y = to_number(a), to_number(b)
     if x is not None and y is not None:
         return x == y  # plain numbers compare exactly: 1/2^98 is not 1/2^99
     return _expr_equal(a, b)
 
 
-def answers_match(pred, gold):
-    """Compare two answers after normalisation: strings, exact rationals, expressions, tuples/intervals,
-    matrices, unordered lists, letters."""
-    g = normalize_answer(gold)
-    if re.fullmatch(r"[a-j]", g):  # a letter standing alone at the start: (B), B), B., **B**, $C$, option C
-        p = normalize_answer(pred)
-        m = re.match(r"(?:option|choice)?(?:\(([a-j])\)|([a-j])(?:[.:)]|$))", p)
-        return bool(m) and g in m.groups() and not re.search(r"\([a-j]\)|^[a-j](?:[.:)]|$)", p[m.end():])  # not 2
-    if "=" in pred and "=" not in gold and not _RELATION.search(pred):  # "2+3=5 birds": the right side
-        left, pred = pred.rsplit("=", 1)
-        if ", " in left or (normalize_answer(pred) == "0" and re.search("[a-z].", normalize_answer(left))):
-            return False  # "x = 5, y = 7" is a list, "5x-7y+4=0" an equation, not the value 0
-    pred = _count_noun_dropped(pred)
-    p = normalize_answer(pred)
-    p, g = _strip_parens(p), _strip_parens(g)
-    if not p or not g:
-        return False
-    if _atom_equal(p, g):
-        return True
+_LABEL = re.compile(r"[(|]?[a-z][\w{}(),|:]*")  # a name, no operators: x, f(x), (p,q), |ab|, v_1:v_2
+
+
+def _interval(s):
+    """An inequality in one name as the interval it describes: "-2≤x<7" -> "[-2,7)", "3≥x" -> "(-\\infty,3]"."""
+    parts = re.split("([<>≤≥])", s)
+    if set(parts[1::2]) <= {">", "≥"}:  # read right to left
+        parts = [{">": "<", "≥": "≤"}.get(t, t) for t in reversed(parts)]
+    if len(parts) == 3:
+        parts = ["-\\infty", "<"] + parts if _LABEL.fullmatch(parts[0]) else parts + ["<", "\\infty"]
+    if len(parts) != 5 or not set(parts[1::2]) <= {"<", "≤"} or not _LABEL.fullmatch(parts[2]):
+        return s
+    return "([("[parts[1] == "≤"] + parts[0] + "," + parts[4] + ")]"[parts[3] == "≤"]
+
+
+def _equal(p, g):
+    """One normalised answer element against the gold one: values, equations, matrices, intervals, tuples."""
+    if not (p and g) or _atom_equal(p, g):
+        return bool(p and g)
+    if ("=" in p) != ("=" in g):  # "x=3+4=7" is its last member, unless "5x-7y+4=0"; a gold "(p,q)=(3,2)" its value
+        if "=" in p:
+            return not (p.endswith("=0") and re.search("[a-z]", p)) and _equal(p.rsplit("=", 1)[1], g)
+        return bool(_LABEL.fullmatch(g.split("=")[0])) and _equal(p, g.rsplit("=", 1)[1])
+    if "=" in p:  # two equations: the same name and value, or the same equation up to a constant factor
+        (lp, rp), (lg, rg) = p.split("=", 1), g.split("=", 1)
+        if _LABEL.fullmatch(lp):
+            return lp == lg and _equal(rp, rg)
+        vp, vg = _values(f"{lp}-({rp})"), _values(f"{lg}-({rg})")
+        return (bool(vp and vg and vp[0] and vp[0] == vg[0]) and 0 not in (vp[1][0], vg[1][0])
+                and _close([x * vg[1][0] for x in vp[1]], [y * vp[1][0] for y in vg[1]]))
     pm, gm = _matrix(p), _matrix(g)
     if pm or gm:  # matrices and vectors in any bracket environment: element by element, same shape
         return (bool(pm and gm) and [len(r) for r in pm] == [len(r) for r in gm]
                 and all(_atom_equal(x, y) for pr, gr in zip(pm, gm) for x, y in zip(pr, gr)))
-    pb, gb = p[0] in "([{" and p[-1] in ")]}", g[0] in "([{" and g[-1] in ")]}"
-    if pb and gb:  # tuples and intervals: same brackets, element by element
-        if (p[0], p[-1]) != (g[0], g[-1]):
-            return False
+    p, g = _interval(p), _interval(g)
+    if p[0] in "([{" and p[-1] in ")]}" and g[0] in "([{" and g[-1] in ")]}":  # tuples, intervals: same brackets
         ps, gs = _split_top(p[1:-1]), _split_top(g[1:-1])
-        return len(ps) > 1 and len(ps) == len(gs) and all(_atom_equal(a, b) for a, b in zip(ps, gs))
-    if not pb and not gb:  # unordered lists, "2, 3" vs "3, 2": multisets
-        ps, gs = _split_top(p), _split_top(g)
-        if len(ps) > 1 and len(ps) == len(gs):
-            rest = list(gs)
-            for a in ps:
-                hit = next((k for k, b in enumerate(rest) if _atom_equal(a, b)), None)
-                if hit is None:
-                    return False
-                rest.pop(hit)
-            return True
+        return ((p[0], p[-1]) == (g[0], g[-1]) and len(ps) > 1 and len(ps) == len(gs)
+                and all(_equal(a, b) for a, b in zip(ps, gs)))
     return False
+
+
+def answers_match(pred, gold):
+    """Compare two answers after normalisation: strings, exact rationals, expressions, tuples/intervals,
+    matrices, unordered lists, letters."""
+    g = normalize_answer(_count_noun_dropped(gold))
+    if re.fullmatch(r"[a-j]", g):  # a letter standing alone at the start: (B), [B], B), B., **B**, $C$, option C
+        p = normalize_answer(pred)
+        m = re.match(r"(?:option|choice)?(?:\(([a-j])\)|\[([a-j])\]|([a-j])(?:[.:)]|$))", p)
+        return bool(m) and g in m.groups() and not re.search(r"\([a-j]\)|^[a-j](?:[.:)]|$)", p[m.end():])  # not 2
+    p = _strip_parens(normalize_answer(_count_noun_dropped(pred)))
+    ps, gs = _split_top(p), _split_top(_strip_parens(g))
+    if len(ps) != len(gs):
+        return False
+    rest = list(gs)  # unordered lists, "2, 3" vs "3, 2": multisets
+    for a in ps:
+        hit = next((k for k, b in enumerate(rest) if _equal(a, b)), None)
+        if hit is None:
+            return False
+        rest.pop(hit)
+    return True
 
 
 # ------------------------------------------------------------------------------------------------ data
