@@ -796,22 +796,24 @@ def _box_before(text, end):
 
 # Phrases that commit to a final answer; the sentence after the last one is the answer.
 _ANSWER_PHRASE = re.compile(r"(?:final answer|the answer|correct answer|correct option|correct choice|answer)"
-                            r"[ \t*]*(?:is|:|=)[ \t*:]*|####[ \t]*", re.IGNORECASE)
+                            r"[ \t*]*(?:is|:|=)[ \t*:]*|####[ \t]*|(?:\.\.\.[ \t]*no,?|\bactually,?[ \t]+it'?s)[ \t]+"
+                            r"(?=\$?-?\d|(?-i:[A-J])\b)", re.IGNORECASE)  # a correction: "15... no, 12"
 # Taking an answer back means saying that *it* is wrong ("Option A is wrong" explains, it does not retract).
 _RETRACTION = re.compile(r"\b(?:(?:that|this|it|my answer|our answer|the answer|my result)(?:'s| is| was) "
                          r"(?:wrong|incorrect|not right|not correct)|made (?:a|an) (?:mistake|error)|my mistake|"
                          r"miscalculated|scratch that|on second thought|wait, no|no, wait|start over|"
                          r"or (?:maybe|perhaps|possibly)|(?<=[.!?] )or \$?-?\d)\b", re.IGNORECASE)  # hedges too
-_NUMBER = re.compile(r"(?<![A-Za-z\d.,])(?:-\$?)?(?:\d{1,3}(?:,\d{3})+(?!\d)(?!,\d)|\d+)(?:\.\d+)?(?:/\d+)?"
-                     r"|(?<![A-Za-z\d])-?\.\d+")
-_HEDGE = re.compile(r"\d(?:\s*[)}])?\s*(?:or|and/or)\s+\$?\\?\(?-?\d", re.IGNORECASE)  # one \s* run per digit
+_NUMBER = re.compile(r"(?:(?<![A-Za-z\d.,])(?:-\$?)?(?:\d{1,3}(?:,\d{3})+(?!\d)(?!,\d)|\d+)(?:\.\d+)?(?:/\d+)?"
+                     r"|(?<![A-Za-z\d])-?\.\d+)(?: ?(?:\\?%|thousand|million|billion|dozen|hundred)(?![a-z]))?")
+_HEDGE = re.compile(r"\d(?:\s*[)}$])?\s*(?:or|and/or)\s+\$?\\?\(?-?\d", re.IGNORECASE)  # one \s* run per digit
 # A final sentence that stops on one of these was cut off mid-thought (a truncated output).
 _UNFINISHED = re.compile(r"(?:[=+\-*/×÷,:(]|\b(?:and|or|of|is|are|by|the|to|a|an|with|which|then|so|gives|"
                          r"equals))\s*$", re.IGNORECASE)
 _RELATION = re.compile(r"[<>≤≥≠]|!=|\\(?:[lg]eq?|neq?|lt|gt)(?![a-z])")  # a relation is not a value
 # A final sentence that negates, bounds, supposes or asks commits to nothing ("It is not 8.", "Does 14 work?").
 _NONCOMMITTAL = re.compile(_RELATION.pattern + r"|\?|\b(?:not|never|cannot|can't|isn't|whether|suppose|assume|let's|"
-                           r"let us|at least|at most)\b", re.IGNORECASE)
+                           r"let us|at least|at most|(?:more|less|fewer) than|up to|between|(?:is|are) given|given that|recall|we know)\b|"
+                           r"\bfrom \$?\d|\d ?[-–] ?\d+(?:\.\d+)? ?[a-z%]", re.IGNORECASE)  # "from 10 to 20", "10-15 min"
 _EXPONENT = re.compile(r"[\^_](?:\{[^{}]*\}|-?\d+)")  # x^{-2}, 10^3, a_1: not answers
 # Words that change a number's value, so "5 dozen" is never 5 (a count noun such as "5 apples" is 5).
 _SCALE = re.compile(r"(?:hundred|thousand|million|billion|trillion|dozen|score|gross|half|halve|third|quarter|\w*th|"
@@ -857,13 +859,20 @@ def _boxed_answer(text, box):
     start, stop, content = box
     if content is None:
         return None  # truncated inside the box
-    prev = _box_before(text, start)
-    between = text[prev[1]:start] if prev else ""
-    if (prev and prev[2] and len(between) < 60 and not re.search(r"[.!?]\s|\n", between)
-            and not answers_match(prev[2], content)):
-        if re.search(r"\bor\b", between):  # "\boxed{18} or \boxed{20}"
-            return None
-        content = f"{prev[2]}, {content}"  # "\boxed{-2} and \boxed{3}": compared as a list
+    if re.search(r"\b(?:draft|rejected|discarded)\b", text[max(0, start - 40):start], re.IGNORECASE):
+        return _phrase_answer(text)  # "(my rejected draft was \boxed{15})": the stated answer, if any
+    parts = [content]  # the boxes of one sentence: "\boxed{-2} and \boxed{3}" is a list, with "or" a hedge
+    for _ in range(9):
+        prev = _box_before(text, start)
+        between = text[prev[1]:start] if prev else ""
+        if not (prev and prev[2] and len(between) < 60 and not re.search(r"[.!?]\s|\n", between)):
+            break
+        if not any(answers_match(prev[2], part) for part in parts):
+            if re.search(r"\bor\b", between):
+                return None
+            parts.insert(0, prev[2])
+        start = prev[0]
+    content = ", ".join(parts)
     if _taken_back(text, stop, content):  # only a later answer phrase can replace it
         return _phrase_answer(text[stop:])
     return content
@@ -911,19 +920,31 @@ def _count_noun_dropped(answer):
 
 
 def _final_sentence_answer(text):
-    """A lone letter on the last line, or the last number of the final sentence only: a last number from anywhere
-    would reward truncated outputs that stop while restating the question or an intermediate result."""
-    lines = [line for line in text[-2000:].split("\n") if line.strip()]
+    """A lone letter on the last line, or the one answer of the final sentence: its last math block or last number
+    (with a scale word or percent sign), never a number inside LaTeX. A last number from anywhere would reward
+    truncated outputs that stop while restating the question or an intermediate result."""
+    tail = re.sub(r"\\\[[^\]]*\]|\$\$[^$]*\$\$", lambda m: m[0].replace("\n", " "), text[-2000:])  # a display is one line
+    lines = [line for line in re.sub(r"\\[\[\]()]|\$\$", "$", tail).split("\n") if line.strip()]  # and math is $..$
     if not lines:
         return None
-    letter = re.fullmatch(r"[*$\s]*\(?([A-J])\)?[*.$\s]*", lines[-1])  # "(B)", "**C**", "$D$", "A"
+    letter = re.fullmatch(r"[*$\s]*\(?([A-J])\)?[*.$\s]*", lines[-1]) or re.search(  # "(B)", "**C**", "$D$", "A"
+        r"\b(?:choose|select|pick)\s(?:option\s)?\(?([A-J])\)?\W*$|(?<![\w(])\(?([A-J])\)? is the (?:correct|right)\b", lines[-1])
     if letter:
-        return letter.group(1)
-    final = re.split(r"(?<=[.!?])\s+(?=\S)", lines[-1].strip())[-1]
-    if _HEDGE.search(final) or _UNFINISHED.search(final.rstrip("$ ")) or _NONCOMMITTAL.search(final):
+        return letter.group(1) or letter.group(2)
+    final = re.split(r"(?<=[.!?])\s+(?=\S)|(?<=\$)\s+(?=[A-Z])", lines[-1].replace("**", "").strip())[-1]
+    if _HEDGE.search(final) or _UNFINISHED.search(final.rstrip("$ ")) or final.count("{") != final.count("}"):
         return None
-    numbers = _NUMBER.findall(_EXPONENT.sub(" ", final))
-    return numbers[-1] if numbers else None
+    clause = re.search(r",\s*(?:which|since|because)\b", final)  # "15 stickers, which is 3 more than Tom"
+    final = final[:clause.start()] if clause and re.search(r"\d", final[:clause.start()]) else final
+    blocks = list(re.finditer(r"\$([^$]*)\$", final))
+    rest = final[blocks[-1].end():] if blocks else final
+    numbers = _NUMBER.findall(_EXPONENT.sub(" ", rest))
+    listed = len(numbers) > 3 and all(re.fullmatch(r"[\d,.]+", w) for w in rest.split()[-4:])
+    if _NONCOMMITTAL.search(re.sub(r"\$[^$]*\$", " ", final)) or listed:
+        return None  # a bound, a range, a restated given; a bare list of numbers ("1 2 3 ... 5000")
+    if blocks and not numbers:
+        return blocks[-1][1]  # an unboxed math expression is one answer: $\frac{10}{9}$ is never 9
+    return numbers[-1] if numbers and not re.search(r"\\[a-zA-Z]|\{", rest) else None
 
 
 def extract_answer(text):
@@ -932,6 +953,7 @@ def extract_answer(text):
     marker = _TEMPLATE.search(text)
     if marker and text[:marker.start()].strip():  # the model ran on past its end-of-turn marker
         text = text[:marker.start()]
+    text = re.sub(r"I hope it is correct\.?$", "", text.rstrip())  # a closing formula, not the final sentence
     box = _box_before(text, len(text))
     if box is not None:
         return _boxed_answer(text, box)
@@ -1259,8 +1281,8 @@ def _equal(p, g):
         return bool(_LABEL.fullmatch(g.split("=")[0])) and _equal(p, g.rsplit("=", 1)[1])
     if "=" in p:  # two equations: the same name and value, or the same equation up to a constant factor
         (lp, rp), (lg, rg) = p.split("=", 1), g.split("=", 1)
-        if _LABEL.fullmatch(lp):
-            return lp == lg and _equal(rp, rg)
+        if lp == lg and _LABEL.fullmatch(lp):  # "z = 3 + 3 = 6": the value of z is the last member
+            return _equal(p.rsplit("=", 1)[1], g.rsplit("=", 1)[1])
         vp, vg = _values(f"{lp}-({rp})"), _values(f"{lg}-({rg})")
         return (bool(vp and vg and vp[0] and vp[0] == vg[0]) and 0 not in (vp[1][0], vg[1][0])
                 and _close([x * vg[1][0] for x in vp[1]], [y * vp[1][0] for y in vg[1]]))
