@@ -810,6 +810,7 @@ _HEDGE = re.compile(r"\d(?:\s*[)}$])?\s*(?:or|and/or)\s+\$?\\?\(?-?\d", re.IGNOR
 _UNFINISHED = re.compile(r"(?:[=+\-*/×÷,:(]|\b(?:and|or|of|is|are|by|the|to|a|an|with|which|then|so|gives|"
                          r"equals))\s*$", re.IGNORECASE)
 _RELATION = re.compile(r"[<>≤≥≠]|!=|\\(?:[lg]eq?|neq?|lt|gt)(?![a-z])")  # a relation is not a value
+_LABEL = re.compile(r"[(|]?[a-z][\w{}(),|:]*")  # a name, no operators: x, f(x), (p,q), |ab|, v_1:v_2
 # A final sentence that negates, bounds, supposes or asks commits to nothing ("It is not 8.", "Does 14 work?").
 _NONCOMMITTAL = re.compile(_RELATION.pattern + r"|\?|\b(?:not|never|cannot|can't|isn't|whether|suppose|assume|let's|"
                            r"let us|at least|at most|(?:more|less|fewer) than|up to|between|(?:is|are) given|given that|recall|we know)\b|"
@@ -867,11 +868,10 @@ def _boxed_answer(text, box):
         between = text[prev[1]:start] if prev else ""
         if not (prev and prev[2] and len(between) < 60 and not re.search(r"[.!?]\s|\n", between)):
             break
-        if not any(answers_match(prev[2], part) for part in parts):
-            if re.search(r"\bor\b", between):
-                return None
-            parts.insert(0, prev[2])
-        start = prev[0]
+        new = not any(answers_match(prev[2], part) for part in parts)
+        if new and re.search(r"\bor\b", between):
+            return None
+        parts, start = [prev[2]] * new + parts, prev[0]
     content = ", ".join(parts)
     if _taken_back(text, stop, content):  # only a later answer phrase can replace it
         return _phrase_answer(text[stop:])
@@ -1011,8 +1011,7 @@ def normalize_answer(s):
     s = re.sub(r"\s+", "", s)
     if re.match(r"[a-zA-Z]=", s) and not re.search(r"[a-zA-Z=]", re.sub(r"\\[a-z]+", "", s[2:])):
         s = s[2:]  # "x=5", "x=\sqrt{2}"; but "y=2x+3" stays an equation
-    s = re.sub(r"^[a-zA-Z](?:\\in|\\approx)", "", s)  # "x\in[1,2]", "x\approx5"
-    s = re.sub(r"\\approx.*", "", s)  # an exact value, then its approximation: "1/3\approx0.33"
+    s = re.sub(r"^[a-zA-Z]\\(?:in|approx)|(?<=.)\\approx.*", "", s)  # x\in[1,2], x\approx5; 1/3\approx0.33 is 1/3
     s = re.sub(r"^\\?\{([^{}]*?)\\?\}$", r"\1", s)  # a set \{1,2,3\} is an unordered list
     s = re.sub(r"^(-?\d+\.\d+)e([-+]?\d+)$", r"\1\\times10^{\2}", s, flags=re.IGNORECASE)  # 1.5e3 (not 1e3: 1*e*3?)
     s = s.replace("\\pm", "+") + "," + s.replace("\\pm", "-") if s.count("\\pm") == 1 and "," not in s else s
@@ -1143,8 +1142,7 @@ class _Evaluation:
         return complex(base) ** complex(exponent)
 
 
-def _integer(value, limit=1000):
-    """A small non-negative integer value (for n! and binomials), else ValueError."""
+def _integer(value, limit=1000):  # n! and binomials of small non-negative integers only
     if not isinstance(value, Fraction) or value.denominator != 1 or not 0 <= value <= limit:
         raise ValueError("not a small integer")
     return int(value)
@@ -1170,14 +1168,11 @@ def _values(s):
     rnd = random.Random(2024)
     points = [{v: Fraction(rnd.choice((-1, 1)) * rnd.randint(11, 97), rnd.randint(3, 13)) for v in names + ["\\pi", "e"]}
               for _ in range(4 if names else 1)]  # both signs: \sqrt{x^2} is |x|, not x
-    try:
-        values = [_Evaluation(toks, {v: point[v] for v in names}).value for point in points]
+    try:  # pi and e also as unknowns: an exact check that \pi + 10^{-15} is not \pi, where floats cannot tell
+        return (names, [_Evaluation(toks, {v: point[v] for v in names}).value for point in points],
+                [_Evaluation(toks, point).value for point in points])
     except _FAILS:
         return None
-    try:  # pi and e also as unknowns: an exact check that \pi + 10^{-15} is not \pi, where floats cannot tell
-        return names, values, [_Evaluation(toks, point).value for point in points]
-    except _FAILS:
-        return names, values, [None]
 
 
 def to_number(s):
@@ -1193,27 +1188,21 @@ def to_number(s):
     return values[1][0] if values and not values[0] and isinstance(values[1][0], Fraction) else None
 
 
-def _close(xs, ys):
-    """Equal value lists: exactly when all are rational, else as complex numbers within 1e-13 relative."""
-    if all(isinstance(v, Fraction) for v in xs + ys):
-        return xs == ys
-    try:
-        return all(cmath.isfinite(x) and cmath.isfinite(y) and abs(x - y) <= 1e-13 * max(abs(x), abs(y)) + 1e-15
-                   for x, y in zip(xs, ys))
-    except OverflowError:  # a huge rational against an irrational
-        return False
-
-
 def _expr_equal(a, b):
     """Equal as expressions: both read, same variables, and equal at the same points: exactly when all values are
-    rational, else as complex numbers within 1e-9 relative."""
+    rational (also with pi and e as unknowns), else as complex numbers within 1e-13 relative."""
     va, vb = _values(a), _values(b)
     if va is None or vb is None or va[0] != vb[0]:
         return False
-    if "." in a + b and not all(isinstance(v, Fraction) for v in va[1] + vb[1]):
-        return False  # a decimal literal never equals an irrational: 3.14159265 is not \pi
-    exact = all(isinstance(v, Fraction) for v in va[2] + vb[2])  # rational in the variables, pi and e
-    return _close(va[1], vb[1]) and (not exact or va[2] == vb[2])
+    if all(isinstance(v, Fraction) for v in va[1] + vb[1]):
+        return va[1] == vb[1]
+    if "." in a + b or (all(isinstance(v, Fraction) for v in va[2] + vb[2]) and va[2] != vb[2]):
+        return False  # a decimal literal never equals an irrational: 3.14159265 is not \pi; nor \pi + 10^{-15}
+    try:
+        return all(cmath.isfinite(x) and cmath.isfinite(y) and abs(x - y) <= 1e-13 * max(abs(x), abs(y)) + 1e-15
+                   for x, y in zip(va[1], vb[1]))
+    except OverflowError:  # a huge rational against an irrational
+        return False
 
 
 def _matrix(s):
@@ -1256,9 +1245,6 @@ def _atom_equal(a, b):
     return _expr_equal(a, b)
 
 
-_LABEL = re.compile(r"[(|]?[a-z][\w{}(),|:]*")  # a name, no operators: x, f(x), (p,q), |ab|, v_1:v_2
-
-
 def _interval(s):
     """An inequality in one name as the interval it describes: "-2≤x<7" -> "[-2,7)", "3≥x" -> "(-\\infty,3]"."""
     parts = re.split("([<>≤≥])", s)
@@ -1283,9 +1269,8 @@ def _equal(p, g):
         (lp, rp), (lg, rg) = p.split("=", 1), g.split("=", 1)
         if lp == lg and _LABEL.fullmatch(lp):  # "z = 3 + 3 = 6": the value of z is the last member
             return _equal(p.rsplit("=", 1)[1], g.rsplit("=", 1)[1])
-        vp, vg = _values(f"{lp}-({rp})"), _values(f"{lg}-({rg})")
-        return (bool(vp and vg and vp[0] and vp[0] == vg[0]) and 0 not in (vp[1][0], vg[1][0])
-                and _close([x * vg[1][0] for x in vp[1]], [y * vp[1][0] for y in vg[1]]))
+        ratio = _values(f"({lp}-({rp}))/({lg}-({rg}))")  # constant and not 0 at points in the variables
+        return bool(ratio and ratio[0] and ratio[1][0]) and all(abs(r / ratio[1][0] - 1) < 1e-12 for r in ratio[1])
     pm, gm = _matrix(p), _matrix(g)
     if pm or gm:  # matrices and vectors in any bracket environment: element by element, same shape
         return (bool(pm and gm) and [len(r) for r in pm] == [len(r) for r in gm]
