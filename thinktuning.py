@@ -813,8 +813,8 @@ _RELATION = re.compile(r"[<>≤≥≠]|!=|\\(?:[lg]eq?|neq?|lt|gt)(?![a-z])")  #
 _LABEL = re.compile(r"[(|]?[a-z][\w{}(),|:]*")  # a name, no operators: x, f(x), (p,q), |ab|, v_1:v_2
 # A final sentence that negates, bounds, supposes or asks commits to nothing ("It is not 8.", "Does 14 work?").
 _NONCOMMITTAL = re.compile(_RELATION.pattern + r"|\?|\b(?:not|never|cannot|can't|isn't|whether|suppose|assume|let's|"
-                           r"let us|at least|at most|(?:more|less|fewer) than|up to|between|(?:is|are) given|given that|recall|we know)\b|"
-                           r"\bfrom \$?\d|\d ?[-–] ?\d+(?:\.\d+)? ?[a-z%]", re.IGNORECASE)  # "from 10 to 20", "10-15 min"
+                           r"let us|at (?:least|most)|(?:more|less|fewer) than|up to|between|(?:is|are) given|recall|"
+                           r"we know)\b|\bfrom \$?\d|\d ?[-–] ?\d+(?:\.\d+)? ?[a-z%]", re.IGNORECASE)  # "10-15 min"
 _EXPONENT = re.compile(r"[\^_](?:\{[^{}]*\}|-?\d+)")  # x^{-2}, 10^3, a_1: not answers
 # Words that change a number's value, so "5 dozen" is never 5 (a count noun such as "5 apples" is 5).
 _SCALE = re.compile(r"(?:hundred|thousand|million|billion|trillion|dozen|score|gross|half|halve|third|quarter|\w*th|"
@@ -923,12 +923,12 @@ def _final_sentence_answer(text):
     """A lone letter on the last line, or the one answer of the final sentence: its last math block or last number
     (with a scale word or percent sign), never a number inside LaTeX. A last number from anywhere would reward
     truncated outputs that stop while restating the question or an intermediate result."""
-    tail = re.sub(r"\\\[[^\]]*\]|\$\$[^$]*\$\$", lambda m: m[0].replace("\n", " "), text[-2000:])  # a display is one line
+    tail = re.sub(r"\\\[[^\]]*\]|\$\$[^$]*\$\$", lambda m: m[0].replace("\n", " "), text[-2000:])  # displays: one line
     lines = [line for line in re.sub(r"\\[\[\]()]|\$\$", "$", tail).split("\n") if line.strip()]  # and math is $..$
     if not lines:
         return None
     letter = re.fullmatch(r"[*$\s]*\(?([A-J])\)?[*.$\s]*", lines[-1]) or re.search(  # "(B)", "**C**", "$D$", "A"
-        r"\b(?:choose|select|pick)\s(?:option\s)?\(?([A-J])\)?\W*$|(?<![\w(])\(?([A-J])\)? is the (?:correct|right)\b", lines[-1])
+        r"\b(?:choose|select|pick)\s(?:option\s)?\(?([A-J])\)?\W*$|(?<![\w(])\(?([A-J])\)? is the correct", lines[-1])
     if letter:
         return letter.group(1) or letter.group(2)
     final = re.split(r"(?<=[.!?])\s+(?=\S)|(?<=\$)\s+(?=[A-Z])", lines[-1].replace("**", "").strip())[-1]
@@ -974,7 +974,7 @@ _UNICODE = str.maketrans({"×": "\\times ", "÷": "\\div ", "·": "\\cdot ", "�
                           "¾": "\\frac{3}{4}"})
 _SUPERSCRIPT = str.maketrans("⁰¹²³⁴⁵⁶⁷⁸⁹⁻", "0123456789-")
 # Words that make the value ("5 thousand" is 5000, "3 dozen" 36); "5 hundred" stays text, as decided before.
-_SCALES = {"thousand": "10^{3}", "million": "10^{6}", "billion": "10^{9}", "trillion": "10^{12}", "dozen": "12"}
+_SCALES = {"thousand": "\\times10^{3}", "million": "\\times10^{6}", "billion": "\\times10^{9}", "dozen": "\\times12"}
 _WORDS = "zero one two three four five six seven eight nine ten eleven twelve".split()  # "The answer is five."
 _RELATIONS = re.compile(r"\\(?:leq?|geq?|neq?|lt|gt)(?![a-z])|[<>!]=")  # one spelling each: ≤ ≥ ≠ < >
 # Known units and currencies only: never a single letter (7y, 3i, 4m), never a scale word (5 dozen).
@@ -1002,7 +1002,7 @@ def normalize_answer(s):
     s = _RELATIONS.sub(lambda m: {"<=": "≤", ">=": "≥", "!=": "≠", "\\lt": "<", "\\gt": ">"}.get(m[0])
                        or "≤≥≠"["lgn".index(m[0][1])], re.sub(r"\\?%(?=.)", "", s))
     s = _UNIT_TAIL.sub("", s.strip().rstrip(".").strip()).strip()  # "5 cm^2" -> "5"; "north", "5x" stay
-    s = re.sub(r"(?<=\d)\s*(thousand|million|billion|trillion|dozen)s?$", lambda m: "\\times" + _SCALES[m[1].lower()], s)
+    s = re.sub(r"(?<=\d)\s*(thousand|million|billion|dozen)s?$", lambda m: _SCALES[m[1].lower()], s)
     s = str(_WORDS.index(s.lower())) if s.lower() in _WORDS else s
     s = re.sub(r",{2,}", ",", re.sub(r"\s*(?:\\q?quad|;|\band\b|\bor\b)\s*", ",", s))  # "-2 or 3", "(1;2)": lists
     s = re.sub(r"^(-?\d+)\s+(\d+)/(\d+)$", r"\1\\frac{\2}{\3}", s)  # mixed number "1 4/5"
@@ -1028,8 +1028,8 @@ def normalize_answer(s):
 _TOKEN = re.compile(r"\\(?:frac|binom|sqrt|pi|cdot|times|div|sinh|cosh|tanh|sin|cos|tan|sec|csc|cot|log|ln|exp)|"
                     r"\d+\.?\d*|\.\d+|[a-z]|[-+*/^(){}\[\]!|_]")
 _FUNCS = {"\\sin": cmath.sin, "\\cos": cmath.cos, "\\tan": cmath.tan, "\\sinh": cmath.sinh, "\\cosh": cmath.cosh,
-          "\\tanh": cmath.tanh, "\\ln": cmath.log, "\\log": cmath.log10, "\\exp": cmath.exp,
-          "\\sec": lambda z: 1 / cmath.cos(z), "\\csc": lambda z: 1 / cmath.sin(z), "\\cot": lambda z: 1 / cmath.tan(z)}
+          "\\tanh": cmath.tanh, "\\ln": cmath.log, "\\log": cmath.log10, "\\sec": lambda z: 1 / cmath.cos(z),
+          "\\exp": cmath.exp, "\\csc": lambda z: 1 / cmath.sin(z), "\\cot": lambda z: 1 / cmath.tan(z)}
 _CONSTANTS = {"e": cmath.e, "i": 1j, "\\pi": cmath.pi}
 _FAILS = (ValueError, ZeroDivisionError, OverflowError, TypeError, RecursionError)
 
@@ -1117,7 +1117,7 @@ class _Evaluation:
             return self.power(self.atom(), 1 / index)
         if tok not in _FUNCS:
             raise ValueError(tok)
-        base = self.take() and cmath.log10(self.atom()) if tok == "\\log" and self.toks[self.at] == "_" else 1  # \log_2
+        base = self.take() and cmath.log10(self.atom()) if tok == "\\log" and self.toks[self.at] == "_" else 1  # log_2
         exponent = self.expr(3) if self.toks[self.at] == "^" and self.take() else 1  # \sin^2 x, never \sin^{-1}
         if exponent.real < 1:
             raise ValueError("inverse function")
@@ -1166,8 +1166,8 @@ def _values(s):
         return None
     names = sorted({t for t in toks if t.isalpha() and t not in _CONSTANTS})
     rnd = random.Random(2024)
-    points = [{v: Fraction(rnd.choice((-1, 1)) * rnd.randint(11, 97), rnd.randint(3, 13)) for v in names + ["\\pi", "e"]}
-              for _ in range(4 if names else 1)]  # both signs: \sqrt{x^2} is |x|, not x
+    points = [{v: Fraction(rnd.choice((-1, 1)) * rnd.randint(11, 97), rnd.randint(3, 13))
+               for v in names + ["\\pi", "e"]} for _ in range(4 if names else 1)]  # both signs: \sqrt{x^2} is |x|
     try:  # pi and e also as unknowns: an exact check that \pi + 10^{-15} is not \pi, where floats cannot tell
         return (names, [_Evaluation(toks, {v: point[v] for v in names}).value for point in points],
                 [_Evaluation(toks, point).value for point in points])
