@@ -852,6 +852,7 @@ def test_extract_answer_framebox():
                                                                     "10/9", True),
     ("So the diagonal measures $4\\sqrt{2}$.", "2", False), ("So the diagonal measures $4\\sqrt{2}$.", "\\sqrt{32}", True),
     ("Hence the ratio is $\\frac{1+\\sqrt{5}}{2}$.", "2", False), ("So the slope is \\frac{7}{3}", "3", False),
+    ("So the slope is \\frac{7}{3}", "7/3", False), ("\\frac{7}{3}", "7/3", True), ("\\frac{7}{3}", "3", False),
     ("We get \\[\n x = \\frac{7}{3}\n\\]", "\\frac73", True), ("Simplify: $(8+4)$", "12", True),
     ("Thus $y \\geq 4$ is the solution.", "y \\ge 4", True), ("Thus $y \\geq 4$ is the solution.", "4", False),
     # a restated given or a side fact in the final sentence is not the answer

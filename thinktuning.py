@@ -944,7 +944,9 @@ def _final_sentence_answer(text):
         return None  # a bound, a range, a restated given; a bare list of numbers ("1 2 3 ... 5000")
     if blocks and not numbers:
         return blocks[-1][1]  # an unboxed math expression is one answer: $\frac{10}{9}$ is never 9
-    return numbers[-1] if numbers and not re.search(r"\\[a-zA-Z]|\{", rest) else None
+    if re.search(r"\\[a-zA-Z]|\{", rest):  # LaTeX outside $..$: the whole sentence if it holds math only, else none
+        return rest.strip() if re.fullmatch(r"[^a-zA-Z]*\d[^a-zA-Z]*", re.sub(r"\\[a-zA-Z]+", "", rest)) else None
+    return numbers[-1] if numbers else None
 
 
 def extract_answer(text):
@@ -1262,9 +1264,8 @@ def _equal(p, g):
     if not (p and g) or _atom_equal(p, g):
         return bool(p and g)
     if ("=" in p) != ("=" in g):  # "x=3+4=7" is its last member, unless "5x-7y+4=0"; a gold "(p,q)=(3,2)" its value
-        if "=" in p:
-            return not (p.endswith("=0") and re.search("[a-z]", p)) and _equal(p.rsplit("=", 1)[1], g)
-        return bool(_LABEL.fullmatch(g.split("=")[0])) and _equal(p, g.rsplit("=", 1)[1])
+        return (not (p.endswith("=0") and re.search("[a-z]", p)) and _equal(p.rsplit("=", 1)[1], g) if "=" in p
+                else bool(_LABEL.fullmatch(g.split("=")[0])) and _equal(p, g.rsplit("=", 1)[1]))
     if "=" in p:  # two equations: the same name and value, or the same equation up to a constant factor
         (lp, rp), (lg, rg) = p.split("=", 1), g.split("=", 1)
         if lp == lg and _LABEL.fullmatch(lp):  # "z = 3 + 3 = 6": the value of z is the last member
