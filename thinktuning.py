@@ -1000,9 +1000,9 @@ def normalize_answer(s):
         s = s.replace(token, "")
     s = re.sub(r"\\[dtc](frac|binom)", r"\\\1", s.translate(_UNICODE))  # \cfrac, \dbinom; ½, x², 2√2, 3×4
     s = re.sub("[⁰¹²³⁴⁵⁶⁷⁸⁹⁻]+", lambda m: "^{" + m[0].translate(_SUPERSCRIPT) + "}", s)  # 10⁴, x²
-    s = re.sub(r"\s*(?:\\?%|\bpercent(?:age)?|\bpct)\.?$", "%", s.strip())  # the sign kept once, at the end
+    s = re.sub(r"\\?%(?=.)", "", re.sub(r"\s*(?:\\?%|\bpercent(?:age)?|\bpct)\.?$", "%", s.strip()))  # one %, last
     s = _RELATIONS.sub(lambda m: {"<=": "≤", ">=": "≥", "!=": "≠", "\\lt": "<", "\\gt": ">"}.get(m[0])
-                       or "≤≥≠"["lgn".index(m[0][1])], re.sub(r"\\?%(?=.)", "", s))
+                       or "≤≥≠"["lgn".index(m[0][1])], s)  # \le, \leq and <= are one relation
     s = _UNIT_TAIL.sub("", s.strip().rstrip(".").strip()).strip()  # "5 cm^2" -> "5"; "north", "5x" stay
     s = re.sub(r"(?<=\d)\s*(thousand|million|billion|dozen)s?$", lambda m: _SCALES[m[1].lower()], s)
     s = str(_WORDS.index(s.lower())) if s.lower() in _WORDS else s
@@ -1015,7 +1015,7 @@ def normalize_answer(s):
         s = s[2:]  # "x=5", "x=\sqrt{2}"; but "y=2x+3" stays an equation
     s = re.sub(r"^[a-zA-Z]\\(?:in|approx)|(?<=.)\\approx.*", "", s)  # x\in[1,2], x\approx5; 1/3\approx0.33 is 1/3
     s = re.sub(r"^\\?\{([^{}]*?)\\?\}$", r"\1", s)  # a set \{1,2,3\} is an unordered list
-    s = re.sub(r"^(-?\d+\.\d+)e([-+]?\d+)$", r"\1\\times10^{\2}", s, flags=re.IGNORECASE)  # 1.5e3 (not 1e3: 1*e*3?)
+    s = re.sub(r"^(-?\d+\.\d+)e([-+]?\d+)$", r"\1\\times10^{\2}", s, flags=re.IGNORECASE)  # 1.5e3 (not 1e3)
     s = s.replace("\\pm", "+") + "," + s.replace("\\pm", "-") if s.count("\\pm") == 1 and "," not in s else s
     s = re.sub(r"\\log_(\w)", r"\\log_{\1}", s)  # \log_2 8 is log base 2 of 8; other subscripts are bases:
     s = re.sub(r"(?<!\\log)_\{(\w+)\}", r"_\1", s)  # 31_{6} is 31_6 (and never 31)
