@@ -844,6 +844,97 @@ def test_extract_answer_framebox():
     assert tt.extract_answer("so $\\framebox{204}$ minutes in all") == "204"
 
 
+# --------------------------------------------------------------------------------------------- grader: issue 22
+# False positives first: a number read out of the wrong place is a reward an RL policy learns to exploit.
+@pytest.mark.parametrize("response,gold,expected", [
+    # the final-sentence fallback reads an unboxed math expression as one answer, or none
+    ("Dividing, the ratio comes to $\\frac{10}{9}$.", "9", False), ("Dividing, the ratio comes to $\\frac{10}{9}$.",
+                                                                    "10/9", True),
+    ("So the diagonal measures $4\\sqrt{2}$.", "2", False), ("So the diagonal measures $4\\sqrt{2}$.", "\\sqrt{32}", True),
+    ("Hence the ratio is $\\frac{1+\\sqrt{5}}{2}$.", "2", False), ("So the slope is \\frac{7}{3}", "3", False),
+    ("So the slope is \\frac{7}{3}", "7/3", False), ("\\frac{7}{3}", "7/3", True), ("\\frac{7}{3}", "3", False),
+    ("We get \\[\n x = \\frac{7}{3}\n\\]", "\\frac73", True), ("Simplify: $(8+4)$", "12", True),
+    ("Thus $y \\geq 4$ is the solution.", "y \\ge 4", True), ("Thus $y \\geq 4$ is the solution.", "4", False),
+    # a restated given or a side fact in the final sentence is not the answer
+    ("So Maya has 15 stickers, which is 3 more than Tom.", "3", False),
+    ("So Maya has 15 stickers, which is 3 more than Tom.", "15", True),
+    ("Recall that each crate holds 12 melons.", "12", False), ("We are given that the bus carries 40 people.", "40", False),
+    # a range or a bound is not its end point
+    ("The walk takes 10-15 minutes.", "15", False), ("Prices ran from 10 to 20 dollars.", "20", False),
+    ("So she needs more than 10 boxes.", "10", False), ("It costs less than 8 dollars.", "8", False),
+    ("So it takes between 4 and 6 hours.", "6", False), ("So 20 - 5 = 15 apples are left.", "15", True),
+    # a scale word or a percent sign is part of the value
+    ("The town now has 1.5 million people.", "1.5", False), ("The town now has 1.5 million people.", "1500000", True),
+    ("They raised 5 thousand dollars.", "5", False), ("\\boxed{0.25\\%}", "0.25", False),
+    ("The yearly rate is 0.25\\%.", "0.25", False), ("\\boxed{0.25\\%}", "0.25\\%", True),
+    # a correction after the answer is followed; a box the text calls a rejected draft loses
+    ("The answer is 15... no, 12.", "15", False), ("Answer: C ... actually it's D", "C", False),
+    ("The answer is 15... no, 12.", "12", True), ("Answer: C ... actually it's D", "D", True),
+    ("Final answer: 12\n\n(My rejected draft was \\boxed{15}.)", "15", False),
+    ("Final answer: 12\n\n(My rejected draft was \\boxed{15}.)", "12", True),
+    # a bare list of numbers, and an expression cut off by the length limit, commit to nothing
+    ("So the result is $\\frac{3}{4", "4", False),
+    ("Thus x equals 2 + \\frac{1}{3", "3", False),
+])
+def test_grade_issue22_number_from_the_wrong_place(response, gold, expected):
+    assert tt.grade(response, gold) is expected
+
+
+def test_grade_issue22_bare_list_of_numbers_is_no_answer():
+    assert not tt.grade(" ".join(str(k) for k in range(1, 5001)), "5000")
+    assert not tt.grade("Counting up: 1 2 3 4 5 6 7 8", "8") and not tt.grade("1, 2, 3, 4, 5", "5")
+
+
+@pytest.mark.parametrize("pred,gold", [
+    ("\\pi + 10^{-12}", "\\pi"), ("e - 10^{-14}", "e"), ("\\sqrt{2} + 10^{-12}", "\\sqrt{2}"),
+    ("\\sqrt{x^2}", "x"), ("|y|", "y"), ("\\sqrt{4t^2}", "2t"),  # identities that hold only for x >= 0
+    ("\\pm 5", "5"), ("\\{3,2\\}", "1, 2, 3"), ("-2 \\text{ and } 3", "2, 3"), ("(2,3)", "(p,q) = (3,2)"),
+    ("5", "x + y = 5"), ("0.07 \\text{ yuan}", "0.06 \\text{ yuan}"), ("24", "5!"), ("3", "\\log_2 9"), ("5", "|-6|"),
+    ("10⁴", "104"), ("½", "2"), ("x³", "x^2"), ("0.25\\%", "0.25"), ("25", "0.25\\%"), ("six", "5"),
+    ("25\\%", "0.25"), ("0.25", "25\\%"), ("12.5\\%", "12.5"),  # a percent is its number, not a fraction
+    ("5 \\text{ hundred}", "5"), ("3 dozen", "3"), ("(-\\infty, 3)", "x \\le 3"), ("x \\ge 3", "(-\\infty, 3]"),
+    ("1.5e3", "1.5"), ("1.5e3", "15000"), ("\\cfrac{1}{3}", "3"), ("x = 1, y = 2", "x = 2, y = 1"),
+])
+def test_answers_match_issue22_refuses(pred, gold):
+    assert not tt.answers_match(pred, gold)
+
+
+@pytest.mark.parametrize("pred,gold", [
+    ("x = -2 \\text{ or } x = 3", "-2, 3"), ("\\{3,2,1\\}", "1, 2, 3"), ("\\pm 5", "-5, 5"), ("-2 and 3", "3, -2"),
+    ("x=\\pm\\sqrt{2}", "\\sqrt2, -\\sqrt2"), ("(1,2), (3,4)", "(3,4), (1,2)"), ("(1;2)", "(1,2)"),
+    ("(3,2)", "(p,q) = (3,2)"), ("1", "|AB| = 1"), ("7:3", "V_1 : V_2 = 7:3"), ("2x+5", "f(x) = 2x + 5"),
+    ("a_2 = 5, a_{10} = 9", "a_{10} = 9, a_2 = 5"), ("4, 9", "x = 4,\\ y = 9"),
+    ("0.06 \\text{ yuan}", "0.06 \\text{ yuan}"), ("120", "5!"), ("\\binom{4}{2}", "6"), ("3", "\\log_2 8"),
+    ("5", "|-5|"), ("\\sqrt{x^2}", "|x|"), ("\\sec^2 y", "\\tan^2 y + 1"),
+    ("½", "\\frac{1}{2}"), ("2√2", "2\\sqrt{2}"), ("10⁴", "10000"), ("x²", "x^2"), ("1½", "1.5"), ("3×4", "12"),
+    ("25\\%", "25"), ("25", "25\\%"), ("25 percent", "25\\%"), ("0.25", "0.25\\%"), ("28 pct", "28\\%"),
+    ("five", "5"), ("\\text{Twelve}", "12"),
+    ("5 \\text{ thousand}", "5000"), ("3 dozen", "36"), ("1.5 million", "1500000"),
+    ("x \\le 3", "(-\\infty, 3]"), ("3 \\ge x", "x \\le 3"), ("-2 < x \\le 7", "(-2, 7]"), ("x > 1", "(1, \\infty)"),
+    ("x \\lt 3", "x < 3"), ("x != 5", "x \\neq 5"), ("x \\in [-2, 7]", "-2 \\le x \\le 7"),
+    ("\\cfrac{1}{3}", "\\frac{1}{3}"), ("1.5e3", "1500"), ("2.5E-2", "0.025"),
+    ("x = 3 + 4 = 7", "7"), ("x = 3 + 4 = 7", "x = 7"), ("x \\approx 11", "11"), ("y = 1/3 \\approx 0.33", "1/3"),
+    ("2x + 4y - 3 = 0", "y = -\\frac{1}{2}x + \\frac{3}{4}"), ("-x - 2y + 1 = 0", "x + 2y - 1 = 0"),
+    ("\\left[\\begin{array}{cc}1 & 2\\\\3 & 4\\end{array}\\right]", "\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}"),
+])
+def test_answers_match_issue22_accepts(pred, gold):
+    assert tt.answers_match(pred, gold)
+
+
+@pytest.mark.parametrize("response,gold", [
+    ("I choose option B.", "B"), ("After weighing them, B is the correct answer.", "B"), ("Answer: B) 3.2 eV", "B"),
+    ("Answer: [B]", "B"), ("The total is 24 * 3 = **72**", "72"), ("The answer is five.", "5"),
+    ("So the solutions are \\boxed{-2} and \\boxed{3}, and \\boxed{5}.", "-2, 3, 5"),
+    ("$$\\boxed{(x, y) = (5, 8) \\quad \\text{and} \\quad (8, 5)}$$", "(5, 8), (8, 5)"),
+    ("So $|x| \\le 2$, that is \\boxed{x \\in [-2, 2]}.", "-2 \\le x \\le 2"),
+    ("The roots are $x = -2$ or $x = 3$, so \\boxed{x = -2 \\text{ or } x = 3}.", "-2, 3"),
+    ("Thus the area is \\boxed{\\log_2 8}.", "3"), ("The population is \\boxed{1.5 \\text{ million}}.", "1500000"),
+])
+def test_grade_issue22_forms_a_human_accepts(response, gold):
+    assert tt.grade(response, gold)
+    assert not tt.grade(response, "C" if gold == "B" else "4")
+
+
 # --------------------------------------------------------------------------------------------- grader: safety
 def _nested_quantifiers(pattern):
     """Groups that repeat (*, +, {n,}) and hold a variable quantifier themselves: (a+)+, (?:\\s*x)*."""

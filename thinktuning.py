@@ -796,22 +796,25 @@ def _box_before(text, end):
 
 # Phrases that commit to a final answer; the sentence after the last one is the answer.
 _ANSWER_PHRASE = re.compile(r"(?:final answer|the answer|correct answer|correct option|correct choice|answer)"
-                            r"[ \t*]*(?:is|:|=)[ \t*:]*|####[ \t]*", re.IGNORECASE)
+                            r"[ \t*]*(?:is|:|=)[ \t*:]*|####[ \t]*|(?:\.\.\.[ \t]*no,?|\bactually,?[ \t]+it'?s)[ \t]+"
+                            r"(?=\$?-?\d|(?-i:[A-J])\b)", re.IGNORECASE)  # a correction: "15... no, 12"
 # Taking an answer back means saying that *it* is wrong ("Option A is wrong" explains, it does not retract).
 _RETRACTION = re.compile(r"\b(?:(?:that|this|it|my answer|our answer|the answer|my result)(?:'s| is| was) "
                          r"(?:wrong|incorrect|not right|not correct)|made (?:a|an) (?:mistake|error)|my mistake|"
                          r"miscalculated|scratch that|on second thought|wait, no|no, wait|start over|"
                          r"or (?:maybe|perhaps|possibly)|(?<=[.!?] )or \$?-?\d)\b", re.IGNORECASE)  # hedges too
-_NUMBER = re.compile(r"(?<![A-Za-z\d.,])(?:-\$?)?(?:\d{1,3}(?:,\d{3})+(?!\d)(?!,\d)|\d+)(?:\.\d+)?(?:/\d+)?"
-                     r"|(?<![A-Za-z\d])-?\.\d+")
-_HEDGE = re.compile(r"\d(?:\s*[)}])?\s*(?:or|and/or)\s+\$?\\?\(?-?\d", re.IGNORECASE)  # one \s* run per digit
+_NUMBER = re.compile(r"(?:(?<![A-Za-z\d.,])(?:-\$?)?(?:\d{1,3}(?:,\d{3})+(?!\d)(?!,\d)|\d+)(?:\.\d+)?(?:/\d+)?"
+                     r"|(?<![A-Za-z\d])-?\.\d+)(?: ?(?:\\?%|thousand|million|billion|dozen|hundred)(?![a-z]))?")
+_HEDGE = re.compile(r"\d(?:\s*[)}$])?\s*(?:or|and/or)\s+\$?\\?\(?-?\d", re.IGNORECASE)  # one \s* run per digit
 # A final sentence that stops on one of these was cut off mid-thought (a truncated output).
 _UNFINISHED = re.compile(r"(?:[=+\-*/×÷,:(]|\b(?:and|or|of|is|are|by|the|to|a|an|with|which|then|so|gives|"
                          r"equals))\s*$", re.IGNORECASE)
 _RELATION = re.compile(r"[<>≤≥≠]|!=|\\(?:[lg]eq?|neq?|lt|gt)(?![a-z])")  # a relation is not a value
+_LABEL = re.compile(r"[(|]?[a-z][\w{}(),|:]*")  # a name, no operators: x, f(x), (p,q), |ab|, v_1:v_2
 # A final sentence that negates, bounds, supposes or asks commits to nothing ("It is not 8.", "Does 14 work?").
 _NONCOMMITTAL = re.compile(_RELATION.pattern + r"|\?|\b(?:not|never|cannot|can't|isn't|whether|suppose|assume|let's|"
-                           r"let us|at least|at most)\b", re.IGNORECASE)
+                           r"let us|at (?:least|most)|(?:more|less|fewer) than|up to|between|(?:is|are) given|recall|"
+                           r"we know)\b|\bfrom \$?\d|\d ?[-–] ?\d+(?:\.\d+)? ?[a-z%]", re.IGNORECASE)  # "10-15 min"
 _EXPONENT = re.compile(r"[\^_](?:\{[^{}]*\}|-?\d+)")  # x^{-2}, 10^3, a_1: not answers
 # Words that change a number's value, so "5 dozen" is never 5 (a count noun such as "5 apples" is 5).
 _SCALE = re.compile(r"(?:hundred|thousand|million|billion|trillion|dozen|score|gross|half|halve|third|quarter|\w*th|"
@@ -857,13 +860,19 @@ def _boxed_answer(text, box):
     start, stop, content = box
     if content is None:
         return None  # truncated inside the box
-    prev = _box_before(text, start)
-    between = text[prev[1]:start] if prev else ""
-    if (prev and prev[2] and len(between) < 60 and not re.search(r"[.!?]\s|\n", between)
-            and not answers_match(prev[2], content)):
-        if re.search(r"\bor\b", between):  # "\boxed{18} or \boxed{20}"
+    if re.search(r"\b(?:draft|rejected|discarded)\b", text[max(0, start - 40):start], re.IGNORECASE):
+        return _phrase_answer(text)  # "(my rejected draft was \boxed{15})": the stated answer, if any
+    parts = [content]  # the boxes of one sentence: "\boxed{-2} and \boxed{3}" is a list, with "or" a hedge
+    for _ in range(9):
+        prev = _box_before(text, start)
+        between = text[prev[1]:start] if prev else ""
+        if not (prev and prev[2] and len(between) < 60 and not re.search(r"[.!?]\s|\n", between)):
+            break
+        new = not any(answers_match(prev[2], part) for part in parts)
+        if new and re.search(r"\bor\b", between):
             return None
-        content = f"{prev[2]}, {content}"  # "\boxed{-2} and \boxed{3}": compared as a list
+        parts, start = [prev[2]] * new + parts, prev[0]
+    content = ", ".join(parts)
     if _taken_back(text, stop, content):  # only a later answer phrase can replace it
         return _phrase_answer(text[stop:])
     return content
@@ -903,26 +912,40 @@ def _count_noun_dropped(answer):
     """"18 eggs", "8 birds on the tree" -> the number: a count noun (3 letters or more) does not change its value.
     A scale or joining word does, so "5 dozen", "7 hundred", "2 and three", "4 m" stay as they are."""
     plain = re.sub(r"\\?\$", "", _UNWRAP.sub(r" \1", answer)).strip()  # "$7\text{ birds}$" -> "7  birds"
-    noun = re.fullmatch(r"(-?\d[\d,.]*)\s+([A-Za-z][A-Za-z ]*)", plain)
-    words = noun.group(2).lower().split() if noun else []
+    noun = re.fullmatch(r"(.*=\s*)?(-?\d[\d,.]*)\s+([A-Za-z][A-Za-z ]*)", plain)  # also "3 + 5 = 8 birds"
+    words = noun.group(3).lower().split() if noun else []
     if words and len(words[0]) > 2 and not any(_SCALE.fullmatch(w) or w in ("and", "or", "but") for w in words):
-        return noun.group(1)
+        return (noun.group(1) or "") + noun.group(2)
     return answer
 
 
 def _final_sentence_answer(text):
-    """A lone letter on the last line, or the last number of the final sentence only: a last number from anywhere
-    would reward truncated outputs that stop while restating the question or an intermediate result."""
-    lines = [line for line in text[-2000:].split("\n") if line.strip()]
+    """A lone letter on the last line, or the one answer of the final sentence: its last math block or last number
+    (with a scale word or percent sign), never a number inside LaTeX. A last number from anywhere would reward
+    truncated outputs that stop while restating the question or an intermediate result."""
+    tail = re.sub(r"\\\[[^\]]*\]|\$\$[^$]*\$\$", lambda m: m[0].replace("\n", " "), text[-2000:])  # displays: one line
+    lines = [line for line in re.sub(r"\\[\[\]()]|\$\$", "$", tail).split("\n") if line.strip()]  # and math is $..$
     if not lines:
         return None
-    letter = re.fullmatch(r"[*$\s]*\(?([A-J])\)?[*.$\s]*", lines[-1])  # "(B)", "**C**", "$D$", "A"
+    letter = re.fullmatch(r"[*$\s]*\(?([A-J])\)?[*.$\s]*", lines[-1]) or re.search(  # "(B)", "**C**", "$D$", "A"
+        r"\b(?:choose|select|pick)\s(?:option\s)?\(?([A-J])\)?\W*$|(?<![\w(])\(?([A-J])\)? is the correct", lines[-1])
     if letter:
-        return letter.group(1)
-    final = re.split(r"(?<=[.!?])\s+(?=\S)", lines[-1].strip())[-1]
-    if _HEDGE.search(final) or _UNFINISHED.search(final.rstrip("$ ")) or _NONCOMMITTAL.search(final):
+        return letter.group(1) or letter.group(2)
+    final = re.split(r"(?<=[.!?])\s+(?=\S)|(?<=\$)\s+(?=[A-Z])", lines[-1].replace("**", "").strip())[-1]
+    if _HEDGE.search(final) or _UNFINISHED.search(final.rstrip("$ ")) or final.count("{") != final.count("}"):
         return None
-    numbers = _NUMBER.findall(_EXPONENT.sub(" ", final))
+    clause = re.search(r",\s*(?:which|since|because)\b", final)  # "15 stickers, which is 3 more than Tom"
+    final = final[:clause.start()] if clause and re.search(r"\d", final[:clause.start()]) else final
+    blocks = list(re.finditer(r"\$([^$]*)\$", final))
+    rest = final[blocks[-1].end():] if blocks else final
+    numbers = _NUMBER.findall(_EXPONENT.sub(" ", rest))
+    listed = len(numbers) > 3 and all(re.fullmatch(r"[\d,.]+", w) for w in rest.split()[-4:])
+    if _NONCOMMITTAL.search(re.sub(r"\$[^$]*\$", " ", final)) or listed:
+        return None  # a bound, a range, a restated given; a bare list of numbers ("1 2 3 ... 5000")
+    if blocks and not numbers:
+        return blocks[-1][1]  # an unboxed math expression is one answer: $\frac{10}{9}$ is never 9
+    if re.search(r"\\[a-zA-Z]|\{", rest):  # LaTeX outside $..$: the whole sentence if it holds math only, else none
+        return rest.strip() if re.fullmatch(r"[^a-zA-Z]*\d[^a-zA-Z]*", re.sub(r"\\[a-zA-Z]+", "", rest)) else None
     return numbers[-1] if numbers else None
 
 
@@ -932,6 +955,7 @@ def extract_answer(text):
     marker = _TEMPLATE.search(text)
     if marker and text[:marker.start()].strip():  # the model ran on past its end-of-turn marker
         text = text[:marker.start()]
+    text = re.sub(r"I hope it is correct\.?$", "", text.rstrip())  # a closing formula, not the final sentence
     box = _box_before(text, len(text))
     if box is not None:
         return _boxed_answer(text, box)
@@ -946,7 +970,15 @@ def extract_answer(text):
 
 _UNWRAP = re.compile(r"\\(?:text|textbf|textit|textnormal|mathbf|mathrm|mathit|mbox|operatorname)\s*\{([^{}]*)\}")
 _DROP = ("\\left", "\\right", "\\displaystyle", "\\!", "\\,", "\\;", "\\:", "\\$", "$", "\\(", "\\)",
-         "\\[", "\\]", "^\\circ", "^{\\circ}", "\\circ", "°", "\\%", "%", "€", "£", "¥", "**", "`")
+         "\\[", "\\]", "^\\circ", "^{\\circ}", "\\circ", "°", "€", "£", "¥", "**", "`")
+_UNICODE = str.maketrans({"×": "\\times ", "÷": "\\div ", "·": "\\cdot ", "√": "\\sqrt", "∞": "\\infty ", "π": "\\pi ",
+                          "−": "-", "½": "\\frac{1}{2}", "⅓": "\\frac{1}{3}", "⅔": "\\frac{2}{3}", "¼": "\\frac{1}{4}",
+                          "¾": "\\frac{3}{4}"})
+_SUPERSCRIPT = str.maketrans("⁰¹²³⁴⁵⁶⁷⁸⁹⁻", "0123456789-")
+# Words that make the value ("5 thousand" is 5000, "3 dozen" 36); "5 hundred" stays text, as decided before.
+_SCALES = {"thousand": "\\times10^{3}", "million": "\\times10^{6}", "billion": "\\times10^{9}", "dozen": "\\times12"}
+_WORDS = "zero one two three four five six seven eight nine ten eleven twelve".split()  # "The answer is five."
+_RELATIONS = re.compile(r"\\(?:leq?|geq?|neq?|lt|gt)(?![a-z])|[<>!]=")  # one spelling each: ≤ ≥ ≠ < >
 # Known units and currencies only: never a single letter (7y, 3i, 4m), never a scale word (5 dozen).
 _UNIT = (r"(?:(?:centi|milli|kilo)?(?:met(?:er|re)|gram|lit(?:er|re))|inch|foot|feet|yard|mile|pound|ounce|ton|"
          r"gallon|quart|pint|cup|dollar|cent|euro|pence|yen|degree|radian|hour|minute|second|day|week|month|year|"
@@ -966,14 +998,27 @@ def normalize_answer(s):
     s = re.sub(r"(?<=\d)\{,\}(?=\d)", ".", s).replace("{,}", ",")  # ... but "3{,}4" is a decimal comma, 3.4
     for token in _DROP:
         s = s.replace(token, "")
-    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace("π", "\\pi").replace("−", "-")
+    s = re.sub(r"\\[dtc](frac|binom)", r"\\\1", s.translate(_UNICODE))  # \cfrac, \dbinom; ½, x², 2√2, 3×4
+    s = re.sub("[⁰¹²³⁴⁵⁶⁷⁸⁹⁻]+", lambda m: "^{" + m[0].translate(_SUPERSCRIPT) + "}", s)  # 10⁴, x²
+    s = re.sub(r"\\?%(?=.)", "", re.sub(r"\s*(?:\\?%|\bpercent(?:age)?|\bpct)\.?$", "%", s.strip()))  # one %, last
+    s = _RELATIONS.sub(lambda m: {"<=": "≤", ">=": "≥", "!=": "≠", "\\lt": "<", "\\gt": ">"}.get(m[0])
+                       or "≤≥≠"["lgn".index(m[0][1])], s)  # \le, \leq and <= are one relation
     s = _UNIT_TAIL.sub("", s.strip().rstrip(".").strip()).strip()  # "5 cm^2" -> "5"; "north", "5x" stay
+    s = re.sub(r"(?<=\d)\s*(thousand|million|billion|dozen)s?$", lambda m: _SCALES[m[1].lower()], s)
+    s = str(_WORDS.index(s.lower())) if s.lower() in _WORDS else s
+    s = re.sub(r",{2,}", ",", re.sub(r"\s*(?:\\q?quad|;|\band\b|\bor\b)\s*", ",", s))  # "-2 or 3", "(1;2)": lists
     s = re.sub(r"^(-?\d+)\s+(\d+)/(\d+)$", r"\1\\frac{\2}{\3}", s)  # mixed number "1 4/5"
     if re.fullmatch(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?", s):  # one grouping, no spaces: never "2, 345" or a tuple
         s = s.replace(",", "")
     s = re.sub(r"\s+", "", s)
-    s = re.sub(r"^[a-zA-Z](?:=|\\in)", "", s)  # "x=5", "x\in[1,2]"
-    s = re.sub(r"_\{(\w+)\}", r"_\1", s)  # base subscripts: 31_{6} is 31_6 (and never 31)
+    if re.match(r"[a-zA-Z]=", s) and not re.search(r"[a-zA-Z=]", re.sub(r"\\[a-z]+", "", s[2:])):
+        s = s[2:]  # "x=5", "x=\sqrt{2}"; but "y=2x+3" stays an equation
+    s = re.sub(r"^[a-zA-Z]\\(?:in|approx)|(?<=.)\\approx.*", "", s)  # x\in[1,2], x\approx5; 1/3\approx0.33 is 1/3
+    s = re.sub(r"^\\?\{([^{}]*?)\\?\}$", r"\1", s)  # a set \{1,2,3\} is an unordered list
+    s = re.sub(r"^(-?\d+\.\d+)e([-+]?\d+)$", r"\1\\times10^{\2}", s, flags=re.IGNORECASE)  # 1.5e3 (not 1e3)
+    s = s.replace("\\pm", "+") + "," + s.replace("\\pm", "-") if s.count("\\pm") == 1 and "," not in s else s
+    s = re.sub(r"\\log_(\w)", r"\\log_{\1}", s)  # \log_2 8 is log base 2 of 8; other subscripts are bases:
+    s = re.sub(r"(?<!\\log)_\{(\w+)\}", r"_\1", s)  # 31_{6} is 31_6 (and never 31)
     s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)  # \frac12
     s = re.sub(r"\\frac\{([^{}]*)\}(\d)", r"\\frac{\1}{\2}", s)  # \frac{1}2
     s = re.sub(r"\\frac(\d)\{", r"\\frac{\1}{", s)  # \frac1{2}
@@ -982,10 +1027,11 @@ def normalize_answer(s):
 
 
 # Values without a CAS: a small recursive-descent evaluator; exact Fractions while the answer stays rational.
-_TOKEN = re.compile(r"\\(?:frac|sqrt|pi|cdot|times|div|sinh|cosh|tanh|sin|cos|tan|log|ln|exp)|\d+\.?\d*|\.\d+|"
-                    r"[a-z]|[-+*/^(){}\[\]]")
+_TOKEN = re.compile(r"\\(?:frac|binom|sqrt|pi|cdot|times|div|sinh|cosh|tanh|sin|cos|tan|sec|csc|cot|log|ln|exp)|"
+                    r"\d+\.?\d*|\.\d+|[a-z]|[-+*/^(){}\[\]!|_]")
 _FUNCS = {"\\sin": cmath.sin, "\\cos": cmath.cos, "\\tan": cmath.tan, "\\sinh": cmath.sinh, "\\cosh": cmath.cosh,
-          "\\tanh": cmath.tanh, "\\ln": cmath.log, "\\log": cmath.log10, "\\exp": cmath.exp}
+          "\\tanh": cmath.tanh, "\\ln": cmath.log, "\\log": cmath.log10, "\\sec": lambda z: 1 / cmath.cos(z),
+          "\\exp": cmath.exp, "\\csc": lambda z: 1 / cmath.sin(z), "\\cot": lambda z: 1 / cmath.tan(z)}
 _CONSTANTS = {"e": cmath.e, "i": 1j, "\\pi": cmath.pi}
 _FAILS = (ValueError, ZeroDivisionError, OverflowError, TypeError, RecursionError)
 
@@ -1039,15 +1085,18 @@ class _Evaluation:
             elif level == 4 and tok == "^":
                 self.take()
                 return self.power(value, self.expr(3))
+            elif level == 4 and tok == "!":  # 5!
+                self.take()
+                value = Fraction(math.factorial(_integer(value)))
             else:
                 return value
 
     def atom(self):
         tok = self.take()
-        if tok in ("(", "{"):
+        if tok in ("(", "{", "|"):
             value = self.expr()
-            self.take(")" if tok == "(" else "}")
-            return value
+            self.take({"(": ")", "{": "}"}.get(tok, "|"))
+            return abs(value) if tok == "|" else value
         if tok[0].isdigit() or tok[0] == ".":
             mixed = re.fullmatch(r"\\frac\{(\d+)\}\{(\d+)\}", "".join(self.toks[self.at:self.at + 7]))
             if mixed and "." not in tok:  # 2\frac{1}{3} is the mixed number 7/3
@@ -1058,6 +1107,9 @@ class _Evaluation:
             return self.point[tok] if tok in self.point else _CONSTANTS[tok]
         if tok == "\\frac":
             return self.atom() / self.atom()
+        if tok == "\\binom":
+            n, k = _integer(self.atom()), _integer(self.atom())
+            return Fraction(math.comb(n, k))
         if tok == "\\sqrt":  # \sqrt{x}, \sqrt[3]{x}
             index = Fraction(2)
             if self.toks[self.at] == "[":
@@ -1067,15 +1119,16 @@ class _Evaluation:
             return self.power(self.atom(), 1 / index)
         if tok not in _FUNCS:
             raise ValueError(tok)
+        base = self.take() and cmath.log10(self.atom()) if tok == "\\log" and self.toks[self.at] == "_" else 1  # log_2
         exponent = self.expr(3) if self.toks[self.at] == "^" and self.take() else 1  # \sin^2 x, never \sin^{-1}
         if exponent.real < 1:
             raise ValueError("inverse function")
         if self.toks[self.at] in ("(", "{"):
-            return self.power(_FUNCS[tok](self.atom()), exponent)
+            return self.power(_FUNCS[tok](self.atom()) / base, exponent)
         arg = self.expr(4)
         while self.toks[self.at] not in _FUNCS and self.factor_next():  # \sin 2x is sin(2x)
             arg = arg * self.expr(4)
-        return self.power(_FUNCS[tok](arg), exponent)
+        return self.power(_FUNCS[tok](arg) / base, exponent)
 
     def power(self, base, exponent):
         if abs(exponent) > 4096:
@@ -1089,6 +1142,12 @@ class _Evaluation:
                     raise ValueError("huge power")
                 return base ** int(exponent)
         return complex(base) ** complex(exponent)
+
+
+def _integer(value, limit=1000):  # n! and binomials of small non-negative integers only
+    if not isinstance(value, Fraction) or value.denominator != 1 or not 0 <= value <= limit:
+        raise ValueError("not a small integer")
+    return int(value)
 
 
 def _tokens(s):
@@ -1109,9 +1168,11 @@ def _values(s):
         return None
     names = sorted({t for t in toks if t.isalpha() and t not in _CONSTANTS})
     rnd = random.Random(2024)
-    points = [{v: Fraction(rnd.randint(11, 97), rnd.randint(3, 13)) for v in names} for _ in range(4 if names else 1)]
-    try:
-        return names, [_Evaluation(toks, point).value for point in points]
+    points = [{v: Fraction(rnd.choice((-1, 1)) * rnd.randint(11, 97), rnd.randint(3, 13))
+               for v in names + ["\\pi", "e"]} for _ in range(4 if names else 1)]  # both signs: \sqrt{x^2} is |x|
+    try:  # pi and e also as unknowns: an exact check that \pi + 10^{-15} is not \pi, where floats cannot tell
+        return (names, [_Evaluation(toks, {v: point[v] for v in names}).value for point in points],
+                [_Evaluation(toks, point).value for point in points])
     except _FAILS:
         return None
 
@@ -1131,16 +1192,16 @@ def to_number(s):
 
 def _expr_equal(a, b):
     """Equal as expressions: both read, same variables, and equal at the same points: exactly when all values are
-    rational, else as complex numbers within 1e-9 relative."""
+    rational (also with pi and e as unknowns), else as complex numbers within 1e-13 relative."""
     va, vb = _values(a), _values(b)
     if va is None or vb is None or va[0] != vb[0]:
         return False
     if all(isinstance(v, Fraction) for v in va[1] + vb[1]):
         return va[1] == vb[1]
-    if "." in a + b:
-        return False  # a decimal literal never equals an irrational: 3.14159265 is not \pi
+    if "." in a + b or (all(isinstance(v, Fraction) for v in va[2] + vb[2]) and va[2] != vb[2]):
+        return False  # a decimal literal never equals an irrational: 3.14159265 is not \pi; nor \pi + 10^{-15}
     try:
-        return all(cmath.isfinite(x) and cmath.isfinite(y) and abs(x - y) <= 1e-9 * max(abs(x), abs(y)) + 1e-14
+        return all(cmath.isfinite(x) and cmath.isfinite(y) and abs(x - y) <= 1e-13 * max(abs(x), abs(y)) + 1e-15
                    for x, y in zip(va[1], vb[1]))
     except OverflowError:  # a huge rational against an irrational
         return False
@@ -1148,7 +1209,7 @@ def _expr_equal(a, b):
 
 def _matrix(s):
     """Rows of cells of a matrix or vector in any bracket environment (pmatrix, bmatrix, array...), or None."""
-    m = re.fullmatch(r"\\begin\{([a-z]*matrix|array)\}(?:\{[a-z|]*\})?(.*)\\end\{\1\}", s)
+    m = re.fullmatch(r"[(\[]?\\begin\{([a-z]*matrix|array)\}(?:\{[a-z|]*\})?(.*)\\end\{\1\}[)\]]?", s)
     return [row.split("&") for row in m[2].split("\\\\") if row] if m else None
 
 
@@ -1177,52 +1238,71 @@ def _strip_parens(s):
 def _atom_equal(a, b):
     if a == b:
         return True
+    if a.endswith("%") or b.endswith("%"):  # a percent is its number, never a fraction: 25% is 25, not 0.25, and
+        x, y = to_number(a.rstrip("%")), to_number(b.rstrip("%"))  # against a bare gold only a whole one (not 0.25)
+        return x is not None and x == y and (b.endswith("%") or x.denominator == 1)
     x, y = to_number(a), to_number(b)
     if x is not None and y is not None:
         return x == y  # plain numbers compare exactly: 1/2^98 is not 1/2^99
     return _expr_equal(a, b)
 
 
-def answers_match(pred, gold):
-    """Compare two answers after normalisation: strings, exact rationals, expressions, tuples/intervals,
-    matrices, unordered lists, letters."""
-    g = normalize_answer(gold)
-    if re.fullmatch(r"[a-j]", g):  # a letter standing alone at the start: (B), B), B., **B**, $C$, option C
-        p = normalize_answer(pred)
-        m = re.match(r"(?:option|choice)?(?:\(([a-j])\)|([a-j])(?:[.:)]|$))", p)
-        return bool(m) and g in m.groups() and not re.search(r"\([a-j]\)|^[a-j](?:[.:)]|$)", p[m.end():])  # not 2
-    if "=" in pred and "=" not in gold and not _RELATION.search(pred):  # "2+3=5 birds": the right side
-        left, pred = pred.rsplit("=", 1)
-        if ", " in left or (normalize_answer(pred) == "0" and re.search("[a-z].", normalize_answer(left))):
-            return False  # "x = 5, y = 7" is a list, "5x-7y+4=0" an equation, not the value 0
-    pred = _count_noun_dropped(pred)
-    p = normalize_answer(pred)
-    p, g = _strip_parens(p), _strip_parens(g)
-    if not p or not g:
-        return False
-    if _atom_equal(p, g):
-        return True
+def _interval(s):
+    """An inequality in one name as the interval it describes: "-2≤x<7" -> "[-2,7)", "3≥x" -> "(-\\infty,3]"."""
+    parts = re.split("([<>≤≥])", s)
+    if set(parts[1::2]) <= {">", "≥"}:  # read right to left
+        parts = [{">": "<", "≥": "≤"}.get(t, t) for t in reversed(parts)]
+    if len(parts) == 3:
+        parts = ["-\\infty", "<"] + parts if _LABEL.fullmatch(parts[0]) else parts + ["<", "\\infty"]
+    if len(parts) != 5 or not set(parts[1::2]) <= {"<", "≤"} or not _LABEL.fullmatch(parts[2]):
+        return s
+    return "([("[parts[1] == "≤"] + parts[0] + "," + parts[4] + ")]"[parts[3] == "≤"]
+
+
+def _equal(p, g):
+    """One normalised answer element against the gold one: values, equations, matrices, intervals, tuples."""
+    if not (p and g) or _atom_equal(p, g):
+        return bool(p and g)
+    if ("=" in p) != ("=" in g):  # "x=3+4=7" is its last member, unless "5x-7y+4=0"; a gold "(p,q)=(3,2)" its value
+        return (not (p.endswith("=0") and re.search("[a-z]", p)) and _equal(p.rsplit("=", 1)[1], g) if "=" in p
+                else bool(_LABEL.fullmatch(g.split("=")[0])) and _equal(p, g.rsplit("=", 1)[1]))
+    if "=" in p:  # two equations: the same name and value, or the same equation up to a constant factor
+        (lp, rp), (lg, rg) = p.split("=", 1), g.split("=", 1)
+        if lp == lg and _LABEL.fullmatch(lp):  # "z = 3 + 3 = 6": the value of z is the last member
+            return _equal(p.rsplit("=", 1)[1], g.rsplit("=", 1)[1])
+        ratio = _values(f"({lp}-({rp}))/({lg}-({rg}))")  # constant and not 0 at points in the variables
+        return bool(ratio and ratio[0] and ratio[1][0]) and all(abs(r / ratio[1][0] - 1) < 1e-12 for r in ratio[1])
     pm, gm = _matrix(p), _matrix(g)
     if pm or gm:  # matrices and vectors in any bracket environment: element by element, same shape
         return (bool(pm and gm) and [len(r) for r in pm] == [len(r) for r in gm]
                 and all(_atom_equal(x, y) for pr, gr in zip(pm, gm) for x, y in zip(pr, gr)))
-    pb, gb = p[0] in "([{" and p[-1] in ")]}", g[0] in "([{" and g[-1] in ")]}"
-    if pb and gb:  # tuples and intervals: same brackets, element by element
-        if (p[0], p[-1]) != (g[0], g[-1]):
-            return False
+    p, g = _interval(p), _interval(g)
+    if p[0] in "([{" and p[-1] in ")]}" and g[0] in "([{" and g[-1] in ")]}":  # tuples, intervals: same brackets
         ps, gs = _split_top(p[1:-1]), _split_top(g[1:-1])
-        return len(ps) > 1 and len(ps) == len(gs) and all(_atom_equal(a, b) for a, b in zip(ps, gs))
-    if not pb and not gb:  # unordered lists, "2, 3" vs "3, 2": multisets
-        ps, gs = _split_top(p), _split_top(g)
-        if len(ps) > 1 and len(ps) == len(gs):
-            rest = list(gs)
-            for a in ps:
-                hit = next((k for k, b in enumerate(rest) if _atom_equal(a, b)), None)
-                if hit is None:
-                    return False
-                rest.pop(hit)
-            return True
+        return ((p[0], p[-1]) == (g[0], g[-1]) and len(ps) > 1 and len(ps) == len(gs)
+                and all(_equal(a, b) for a, b in zip(ps, gs)))
     return False
+
+
+def answers_match(pred, gold):
+    """Compare two answers after normalisation: strings, exact rationals, expressions, tuples/intervals,
+    matrices, unordered lists, letters."""
+    g = normalize_answer(_count_noun_dropped(gold))
+    if re.fullmatch(r"[a-j]", g):  # a letter standing alone at the start: (B), [B], B), B., **B**, $C$, option C
+        p = normalize_answer(pred)
+        m = re.match(r"(?:option|choice)?(?:\(([a-j])\)|\[([a-j])\]|([a-j])(?:[.:)]|$))", p)
+        return bool(m) and g in m.groups() and not re.search(r"\([a-j]\)|^[a-j](?:[.:)]|$)", p[m.end():])  # not 2
+    p = _strip_parens(normalize_answer(_count_noun_dropped(pred)))
+    ps, gs = _split_top(p), _split_top(_strip_parens(g))
+    if len(ps) != len(gs):
+        return False
+    rest = list(gs)  # unordered lists, "2, 3" vs "3, 2": multisets
+    for a in ps:
+        hit = next((k for k, b in enumerate(rest) if _equal(a, b)), None)
+        if hit is None:
+            return False
+        rest.pop(hit)
+    return True
 
 
 # ------------------------------------------------------------------------------------------------ data
