@@ -3261,6 +3261,7 @@ def test_report_of_a_grpo_run_names_it_and_shows_its_settings(trained, tmp_path)
     Page(page)  # well formed
     settings = json.load(open(out / "args.json"))
     assert "<h1>GRPO run (--no-teacher): run</h1>" in page and "ThinkTuning run" not in page
+    assert '<svg data-metric="reward"' in page and '<svg data-metric="guidance_pct"' not in page  # never guided
     assert f"<td>lr</td><td>{settings['lr']}</td>" in page and f"<td>no_teacher</td><td>True</td>" in page
     logged = [s for s in read_jsonl(out / "samples.jsonl") if "student" in s]
     assert logged and all(isinstance(s["finished"], bool) for s in logged)
@@ -3483,6 +3484,7 @@ def test_report_axes_ticks_units_and_zero_line(tmp_path):
     y_secs = [t for a, t in secs.find("text") if a.get("text-anchor") == "end" and "class" not in a][:3]
     assert y_secs == ["0", "0.025", "0.05"] and not re.search(r">[-\d.]+e-\d+<", text)  # 1.74e-05 reads 0
     assert [t for a, t in length.find("text") if a.get("text-anchor") == "end"][:3] == ["110", "125", "140"]
+    assert [t for a, t in loss.find("text") if a.get("text-anchor") == "end"][:3] == ["-0.03", "-0.005", "0.02"]
 
 
 def test_report_gap_where_a_dense_series_has_no_value(run_dir):

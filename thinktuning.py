@@ -2520,7 +2520,8 @@ td:first-child,th:first-child{text-align:left}
 def tick(v, span):
     """A tick label with the decimals the chart's span needs: 0.00002 on a 0-0.05 axis reads 0, not 2e-05."""
     d = max(0, 2 - math.floor(math.log10(span))) if span > 0 else 3
-    return f"{v:.{d}f}".rstrip("0").rstrip(".").replace("-0", "0") if d else f"{v:.0f}"
+    text = f"{v:.{d}f}".rstrip("0").rstrip(".") if d else f"{v:.0f}"
+    return "0" if text == "-0" else text
 
 
 def line_chart(cid, title, unit, series, bands):
@@ -2584,7 +2585,8 @@ def curves_section(rows, others=()):
             bands.append([st, st])
     charts = [line_chart(cid, title, unit, [(m, pts(rows, m)) for m in ms.split()]
                          + [(f"{name}: {m}", pts(rs, m)) for name, rs in others for m in ms.split() if m in OVERLAID],
-                         bands) for cid, title, unit, ms in CHARTS]
+                         bands) for cid, title, unit, ms in CHARTS
+              if cid != "guidance_pct" or any(num(r.get(cid)) for r in rows)]  # none in a GRPO run
     return (f'<p class="note">{len(rows)} steps logged, {len(guided)} with guided rollouts (shaded: the teacher\'s '
             f'feedback was spliced onto at least one rollout).</p>'
             f'<div class="charts">{"".join(charts)}</div>')
