@@ -2521,7 +2521,8 @@ def test_load_benchmark_gpqa_unreachable_says_how_to_get_it():
 VOID = {"meta", "br", "img", "hr", "input", "link"}
 # every per-step curve the page draws from the fake metrics below (peak_mem_gb and kl are never logged)
 METRICS = ["reward", "reward_guided", "reward_unguided", "eval_accuracy", "response_len", "finished_frac",
-           "reflect_rate", "guidance_pct", "clip_frac", "dual_clip_frac", "aas_weight", "grad_norm", "loss",
+           "reflect_rate", "guidance_pct", "clip_frac", "dual_clip_frac", "aas_weight", "aas_weight_teacher", "grad_norm",
+           "loss",
            "t_student", "t_teacher", "t_logprob", "t_update"]
 
 
@@ -2565,7 +2566,8 @@ def metric_rows():
                      "teacher_format_pass": 1.0 if g else None, "response_len": 100 + s, "finished_frac": 0.9,
                      "reflect_rate": 0.1 * s, "loss": -0.01 * s, "grad_norm": None if s == 4 else 0.5,
                      "skipped_updates": 0, "clip_frac": 0.01, "dual_clip_frac": 0.0,
-                     "aas_weight": 0.97 if g else None, "aas_tokens": 30 if g else 0, "t_student": 3.0,
+                     "aas_weight": 0.97 if g else None, "aas_weight_teacher": 0.02 if g else None,
+                     "aas_tokens": 30 if g else 0, "t_student": 3.0,
                      "t_teacher": 2.0 if g else 0.0, "t_logprob": 0.5, "t_update": 1.5, "extra_key": "x"})
         if s in (3, 5):
             rows[-1]["eval_accuracy"] = 20.0 + s
