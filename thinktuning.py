@@ -18,14 +18,14 @@ What changes the learning signal:
   unescaped pattern let malformed replies through); a reply over --teacher-text-max tokens (not truncated) or a
   query over --teacher-max-prompt-len (authors: left-truncated) leaves the rollout unguided.
 - a guided rollout is graded on the teacher's text alone (authors: the whole spliced sequence).
-- the token mean runs over the whole mini-batch (authors' verl: per micro-batch); dual clip (c = 3) in every step.
+- the token mean runs over the whole mini-batch (authors' verl: per micro-batch); dual clip (c = 3) after guidance too.
 - the teacher's system prompt and demonstrations are this file's own wording; 32 prompts per step, not 128.
 - not a departure: AAS shapes the student's own prefix of a guided rollout too, as the authors' code does
   (--guide-teacher-tokens-only shapes the teacher's tokens alone).
-Engineering, the same learning signal: rows whose advantage is 0 are neither scored nor back-propagated when
---kl-beta is 0 (their loss and gradient are exactly 0; their tokens count in the token mean); gradients add up in
-the model's dtype and AdamW updates fp32 master weights; no dropout; the checkpoint's sampling defaults (top_k,
-min_p...) are ignored; the AAS denominator is floored at 1e-30 and the PPO log-ratio clamped to [-20, 20] (as verl).
+Engineering, the same signal up to rounding: rows whose advantage is 0 are neither scored nor back-propagated when
+--kl-beta is 0 (loss and gradient exactly 0; their tokens still count in the token mean); gradients add up in the
+model's dtype and AdamW updates fp32 master weights; no dropout; the checkpoint's sampling defaults (top_k,
+min_p...) are ignored; the AAS denominator is floored at 1e-30, the PPO log-ratio clamped to [-20, 20] (as verl).
 The teacher can also be any OpenAI-compatible server (--teacher URL), and torchrun runs it on several GPUs (each
 rank samples whole groups; the update is the one-process method). Left out on purpose, and why: README.
 """
@@ -74,7 +74,7 @@ except KeyboardInterrupt:  # Ctrl-C while torch loads: no traceback
 
 
 def build_parser():
-    p = Parser(description="ThinkTuning (teacher-guided GRPO) or vanilla GRPO, on one GPU.", allow_abbrev=False)
+    p = Parser(description="ThinkTuning (teacher-guided GRPO) or vanilla GRPO, one GPU or torchrun.", allow_abbrev=False)
 
     def a(*flags, **kw):  # add_argument, with the default shown where there is one
         if kw.get("default") is not None and "action" not in kw:
@@ -100,7 +100,7 @@ def build_parser():
       help="spliced teacher tokens at most; a longer reply leaves the rollout unguided (paper: 512)")
     a("--schedule-steps", type=int, default=50, help="total_steps of the guidance schedule (authors: 50 -> steps 1-8)")
     a("--guide-teacher-tokens-only", action="store_true",
-      help="apply AAS to the teacher-written tokens only (default: the whole guided response, as the authors)")
+      help="AAS on the teacher's tokens and final stop token only (default: the whole guided response, as the authors)")
     a("--minibatches", type=int, default=4, help="optimizer steps per training step (paper: 4)")
     a("--lr", type=float, default=1e-6, help="AdamW learning rate, constant (paper: 1e-6)")
     a("--weight-decay", type=float, default=0.01, help="AdamW weight decay (paper: 0.01)")
@@ -634,7 +634,7 @@ def train(args):
     run = start_run(args)
     if run is None:  # nothing left to do
         return True
-    with ctrl_c_saves() as stop_requested:
+    with ctrl_c_saves() as stop_requested:  # a list, non-empty once Ctrl-C was pressed
         bar = tqdm(range(run.state["step"] + 1, args.steps + 1), desc="train", initial=run.state["step"],
                    total=args.steps)
         for step in bar:
