@@ -74,7 +74,7 @@ except KeyboardInterrupt:  # Ctrl-C while torch loads: no traceback
 
 
 def build_parser():
-    p = Parser(description="ThinkTuning (teacher-guided GRPO) or vanilla GRPO, one GPU or torchrun.", allow_abbrev=False)
+    p = Parser(description="ThinkTuning (teacher-guided GRPO) or vanilla GRPO.", allow_abbrev=False)
 
     def a(*flags, **kw):  # add_argument, with the default shown where there is one
         if kw.get("default") is not None and "action" not in kw:
