@@ -880,6 +880,21 @@ def test_grade_issue22_number_from_the_wrong_place(response, gold, expected):
     assert tt.grade(response, gold) is expected
 
 
+@pytest.mark.parametrize("response", [
+    "Answer: A) 12 B) 15 C) 18 D) 20", "\\boxed{A) 3 B) 4}", "\\boxed{A. 3, B. 4}", "\\boxed{A: yes, B: no}",
+    "\\boxed{A) or C)}", "Answer: [A][B]",
+])
+def test_grade_a_list_of_options_earns_no_letter(response):
+    # restating every option would otherwise earn the first option's reward a quarter of the time
+    assert not tt.grade(response, "A") and not tt.grade(response, "B")
+
+
+@pytest.mark.parametrize("response,gold", [("\\boxed{1.5 2}", "1.52"), ("\\boxed{12 34}", "1234"),
+                                           ("\\boxed{1 2 3}", "123"), ("The answer is 3 4.", "34")])
+def test_grade_digits_apart_are_not_one_number(response, gold):
+    assert not tt.grade(response, gold) and tt.grade("\\boxed{12 000}", "12000")  # a thousands space stays
+
+
 def test_grade_issue22_bare_list_of_numbers_is_no_answer():
     assert not tt.grade(" ".join(str(k) for k in range(1, 5001)), "5000")
     assert not tt.grade("Counting up: 1 2 3 4 5 6 7 8", "8") and not tt.grade("1, 2, 3, 4, 5", "5")

@@ -1010,6 +1010,8 @@ def normalize_answer(s):
     s = re.sub(r"^(-?\d+)\s+(\d+)/(\d+)$", r"\1\\frac{\2}{\3}", s)  # mixed number "1 4/5"
     if re.fullmatch(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?", s):  # one grouping, no spaces: never "2, 345" or a tuple
         s = s.replace(",", "")
+    if not re.fullmatch(r"-?\d{1,3}(?: \d{3})+(?:\.\d+)?", s):  # "1 000" is one number, "12 34" two
+        s = re.sub(r"(?<!_)\b(\d+)\s+(?=\d)", r"\1,", s)  # (a subscript is no number: \log_2 8)
     s = re.sub(r"\s+", "", s)
     if re.match(r"[a-zA-Z]=", s) and not re.search(r"[a-zA-Z=]", re.sub(r"\\[a-z]+", "", s[2:])):
         s = s[2:]  # "x=5", "x=\sqrt{2}"; but "y=2x+3" stays an equation
@@ -1019,9 +1021,8 @@ def normalize_answer(s):
     s = s.replace("\\pm", "+") + "," + s.replace("\\pm", "-") if s.count("\\pm") == 1 and "," not in s else s
     s = re.sub(r"\\log_(\w)", r"\\log_{\1}", s)  # \log_2 8 is log base 2 of 8; other subscripts are bases:
     s = re.sub(r"(?<!\\log)_\{(\w+)\}", r"_\1", s)  # 31_{6} is 31_6 (and never 31)
-    s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)  # \frac12
-    s = re.sub(r"\\frac\{([^{}]*)\}(\d)", r"\\frac{\1}{\2}", s)  # \frac{1}2
-    s = re.sub(r"\\frac(\d)\{", r"\\frac{\1}{", s)  # \frac1{2}
+    s = re.sub(r"\\frac(\d)(?=[\d{])", r"\\frac{\1}", s)  # \frac12, \frac1{2}: a digit numerator ...
+    s = re.sub(r"\\frac\{([^{}]*)\}(\d)", r"\\frac{\1}{\2}", s)  # ... and a digit denominator: \frac{1}2
     s = re.sub(r"\\sqrt(\d+)", r"\\sqrt{\1}", s)  # \sqrt2
     return s.lower()
 
@@ -1291,7 +1292,8 @@ def answers_match(pred, gold):
     if re.fullmatch(r"[a-j]", g):  # a letter standing alone at the start: (B), [B], B), B., **B**, $C$, option C
         p = normalize_answer(pred)
         m = re.match(r"(?:option|choice)?(?:\(([a-j])\)|\[([a-j])\]|([a-j])(?:[.:)]|$))", p)
-        return bool(m) and g in m.groups() and not re.search(r"\([a-j]\)|^[a-j](?:[.:)]|$)", p[m.end():])  # not 2
+        return bool(m) and g in m.groups() and not re.search(r"[(\[][a-j][)\]]|(?<![a-z])[a-j][.:)\]]|^[a-j]$",
+                                                              p[m.end():])  # a second label: a list of options
     p = _strip_parens(normalize_answer(_count_noun_dropped(pred)))
     ps, gs = _split_top(p), _split_top(_strip_parens(g))
     if len(ps) != len(gs):
@@ -2570,8 +2572,9 @@ def line_chart(cid, title, unit, series, bands):
 
 
 def curves_section(rows, others=()):
-    """Every chart of CHARTS over the logged steps, the steps with guided rollouts shaded; others = [(name, rows)] of
+    """Every chart of CHARTS over the logged steps, the steps with guided rollouts shaded; others: the folders of
     compared runs, whose OVERLAID curves are drawn on the same charts."""
+    others = [(os.path.basename(os.path.normpath(f)), read_jsonl(os.path.join(f, "metrics.jsonl"))) for f in others]
     if not rows:
         return '<p class="note">No metrics.jsonl in this folder.</p>'
     def pts(rs, m): return [(num(r.get("step")) if num(r.get("step")) is not None else i, num(r.get(m)))  # noqa
@@ -2738,12 +2741,9 @@ def write_report(out, others=()):
     kind = "GRPO run (--no-teacher)" if settings.get("no_teacher") else "ThinkTuning run" if settings else "Run folder"
     parts = [f"<h1>{kind}: {name}</h1>", "<details><summary>Settings (args.json)</summary>"
              + table("flag|value", [[k, v] for k, v in settings.items()]) + "</details>" if settings else "",
-             "<h2>Training curves</h2>", curves_section(metrics, [(os.path.basename(os.path.normpath(f)),
-                                                                  read_jsonl(os.path.join(f, "metrics.jsonl")))
-                                                                 for f in others]),
-             "<h2>Teacher</h2>", teacher_section(metrics), "<h2>Evaluation</h2>",
-             eval_section(read_json(os.path.join(out, "eval.json")),
-                          read_jsonl(os.path.join(out, "eval_samples.jsonl")))]
+             "<h2>Training curves</h2>", curves_section(metrics, others), "<h2>Teacher</h2>", teacher_section(metrics),
+             "<h2>Evaluation</h2>", eval_section(read_json(os.path.join(out, "eval.json")),
+                                                 read_jsonl(os.path.join(out, "eval_samples.jsonl")))]
     if others:
         parts += ["<h2>Against other runs</h2>", compare_section([out, *others])]
     parts += ["<h2>Guided rollouts</h2>", rollouts_section(read_jsonl(os.path.join(out, "samples.jsonl")))]
