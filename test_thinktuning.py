@@ -2889,7 +2889,7 @@ def teacher_server():
     server.daemon_threads = True
     server.seen, server.behave = [], lambda n, body: _chat_reply(GOOD_REPLY)
     server.url = f"http://127.0.0.1:{server.server_address[1]}/v1"
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True).start()  # quick shutdown
     yield server
     server.shutdown()
     server.server_close()
@@ -3464,16 +3464,15 @@ def test_two_ranks_train_stop_on_ctrl_c_save_and_resume_on_one(model_dirs, train
 
 
 def test_two_ranks_errors_are_one_line_each_and_end_in_seconds(model_dirs, train_file, tmp_path, trained):
+    start = time.time()  # both at once: each launch mostly waits for its ranks to import torch
+    bad = torchrun(2, tt.__file__, *base_args(model_dirs["random"], train_file, tmp_path / "a", "--prompts-per-step", 3))
+    held = torchrun(2, tt.__file__, *base_args(model_dirs["random"], train_file, trained))
+    (_, err), (_, err_held) = bad.communicate(timeout=120), held.communicate(timeout=120)
     # a bad number of processes: every rank says so
-    proc = torchrun(2, tt.__file__, *base_args(model_dirs["random"], train_file, tmp_path / "a", "--prompts-per-step", 3))
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode != 0 and err.count("error: --prompts-per-step 3 is not a multiple of the 2 processes") == 2
-    # an error on rank 0 alone (its folder holds a run): the other rank is stopped, not left waiting
-    start = time.time()
-    proc = torchrun(2, tt.__file__, *base_args(model_dirs["random"], train_file, trained))
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode != 0 and err.count("error: ") == 1 and "already holds a training run" in err
-    assert time.time() - start < 100  # torchrun stops the waiting rank at once (its default timeout is an hour)
+    assert bad.returncode != 0 and err.count("error: --prompts-per-step 3 is not a multiple of the 2 processes") == 2
+    # an error on rank 0 alone (its folder holds a run): the other rank is stopped, not left waiting at the barrier
+    assert held.returncode != 0 and err_held.count("error: ") == 1 and "already holds a training run" in err_held
+    assert time.time() - start < 100  # torchrun stops the waiting rank at once (the group's timeout is an hour)
 
 
 
