@@ -1120,7 +1120,10 @@ class _Evaluation:
             return self.power(self.atom(), 1 / index)
         if tok not in _FUNCS:
             raise ValueError(tok)
-        base = self.take() and cmath.log10(self.atom()) if tok == "\\log" and self.toks[self.at] == "_" else 1  # log_2
+        base = 1
+        if tok == "\\log" and self.toks[self.at] == "_":  # \log_2 8: the logarithm in base 2
+            self.take()
+            base = cmath.log10(self.atom())
         exponent = self.expr(3) if self.toks[self.at] == "^" and self.take() else 1  # \sin^2 x, never \sin^{-1}
         if exponent.real < 1:
             raise ValueError("inverse function")
@@ -2509,7 +2512,8 @@ COLORS = ["#1f5fa8", "#d2691e", "#2e8b57", "#8b3a8b"]
 DASHES = ["", "6 3", "2 3", "8 3 2 3"]  # equal curves would hide each other: each series has its own dash
 CSS = """body{font:14px/1.45 system-ui,sans-serif;margin:24px;color:#222;max-width:1160px}h2{margin-top:28px}
 .charts{display:flex;flex-wrap:wrap;gap:10px}svg text{font:11px sans-serif;fill:#333}.ttl{font-weight:bold}
-.frame{fill:none;stroke:#bbb}.zero{stroke:#999;stroke-dasharray:3 3}svg .ax{fill:#777}.band{fill:#fde9b8}table{border-collapse:collapse}.note,.hdr{color:#555;font-size:13px}
+.frame{fill:none;stroke:#bbb}.zero{stroke:#999;stroke-dasharray:3 3}svg .ax{fill:#777}.band{fill:#fde9b8}
+table{border-collapse:collapse}.note,.hdr{color:#555;font-size:13px}
 td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}td{white-space:nowrap}
 td:first-child,th:first-child{text-align:left}
 .roll{border:1px solid #ccc;border-radius:4px;margin:14px 0;padding:8px}.sw{padding:0 8px;border:1px solid #ccc}
@@ -2565,9 +2569,10 @@ def line_chart(cid, title, unit, series, bands):
             f'<text class="ax" transform="translate(11 {(T + H - B) / 2:.0f}) rotate(-90)">{html.escape(unit)}</text>']
     for v in dict.fromkeys((y0, (y0 + y1) / 2, y1)):  # y ticks: min, middle, max
         out.append(f'<text x="{L - 4}" y="{Y(v) + 4:.0f}" text-anchor="end">{tick(v, y1 - y0)}</text>')
-    for st, anchor in dict.fromkeys(((x0, "start"), (round((x0 + x1) / 2), "middle"), (x1, "end"))):
+    for st in dict.fromkeys((x0, round((x0 + x1) / 2), x1)):  # x ticks: first, middle, last step
+        anchor = "start" if st == x0 else "end" if st == x1 else "middle"
         out.append(f'<text x="{X(st):.0f}" y="{H - B + 14}" text-anchor="{anchor}">{st:g}</text>')
-    out.append(f'<text class="ax" x="{(L + W - R) / 2:.0f}" y="{H - 4}">step</text></svg>')
+    out.append(f'<text class="ax" x="{(L + W - R) / 2:.0f}" y="{H - 4}" text-anchor="middle">step</text></svg>')
     return "\n".join(out)
 
 
