@@ -1932,7 +1932,8 @@ def restore(run, saved):
         torch.manual_seed(run.args.seed + RANK + WORLD * saved["step"])
     run.state = {k: saved[k] for k in ("step", "cursor", "py_rng")}
     run.rng.setstate(run.state["py_rng"])
-    truncate_logs(run.args.out, run.state["step"])  # steps logged after the checkpoint are done again
+    if RANK == 0:  # steps logged after the checkpoint are done again
+        truncate_logs(run.args.out, run.state["step"])
 
 
 def teacher_rows(args):
