@@ -649,7 +649,7 @@ def train(args):
                 save_checkpoint(args.out, run.student, run.tok, trainer_state(run))
             if stop:
                 print(f"stopped after step {step}, checkpoint saved; continue with: "
-                      f"python thinktuning.py --resume {args.out}")
+                      f"{'python' if WORLD == 1 else 'torchrun [its options]'} thinktuning.py --resume {args.out}")
                 break
     if RANK == 0:
         print(f"wrote {write_report(args.out)}")
@@ -1796,10 +1796,7 @@ def start_run(args):
     ckpt, resuming = os.path.join(args.out, "ckpt"), args.resume is not None
     if not resuming and not looks_loadable(args.model):
         raise UserError(f"--model {args.model}: no such folder (a local model folder, or a Hub name like org/model)")
-    if RANK == 0:  # several GPUs: rank 0 holds and tidies the run folder while the others wait
-        check_out_folder(args, ckpt, resuming)
-    if WORLD > 1:
-        torch.distributed.barrier()
+    on_rank_0(check_out_folder, args, ckpt, resuming)  # several GPUs: the others wait, and stop on its error
     local_teacher = None if args.no_teacher or is_url(args.teacher) else args.teacher or args.model
     for frozen in {local_teacher, args.model if args.kl_beta > 0 else None} - {None}:
         if resuming and not looks_loadable(frozen):
@@ -2231,7 +2228,7 @@ def start_ranks(args):
         raise UserError("under torchrun only training runs: start --eval, --report and --compare with python")
     if args.prompts_per_step % WORLD:
         raise UserError(f"--prompts-per-step {args.prompts_per_step} is not a multiple of the {WORLD} processes: "
-                        f"each takes an equal share of every step's questions")
+                        f"each takes an equal share of every step's questions (use {WORLD * 4}, say)")
     if args.device.startswith("cuda"):
         args.device = f"cuda:{os.environ['LOCAL_RANK']}"
         torch.cuda.set_device(args.device)
@@ -2239,6 +2236,19 @@ def start_ranks(args):
                                          timeout=datetime.timedelta(hours=1))  # while rank 0 saves a checkpoint
     if RANK:  # no output, no progress bars
         sys.stdout, tqdm.__init__ = open(os.devnull, "w"), functools.partialmethod(tqdm.__init__, disable=True)
+
+
+def on_rank_0(check, *args):
+    """check(*args) on rank 0 alone, the others waiting for it; its UserError stops every rank, one line each."""
+    error = None
+    if RANK == 0:
+        try:
+            check(*args)
+        except UserError as e:
+            error = str(e)
+    error = everyone([error])[0]
+    if error:
+        raise UserError(error)
 
 
 def share(items):
