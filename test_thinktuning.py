@@ -3385,7 +3385,8 @@ def test_readme_scripted_teacher_guides_a_step(model_dirs, tmp_path):
 # Real processes: torchrun with gloo on the CPU, two ranks.
 def torchrun(n, *argv, **popen):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n), *map(str, argv)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(tt.__file__)}
+    path = os.pathsep.join(dict.fromkeys(os.path.dirname(os.path.abspath(f)) for f in (tt.__file__, __file__)))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **popen)
 
 
