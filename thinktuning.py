@@ -2276,11 +2276,12 @@ def gather_step(rollouts, record):
     if WORLD == 1:
         return rollouts, record
     off = RANK * len(rollouts)  # this rank's first row in the step
-    rows = everyone([(replace(r, old_logp=None if r.old_logp is None else r.old_logp.cpu(), ref_logp=None), text)
-                     for r, text in zip(rollouts, record["texts"])])
-    replies = everyone([{**rep, "rollout": rep["rollout"] + off} for rep in record["replies"]])
-    return [r for r, _ in rows], {**record, "texts": [t for _, t in rows], "replies": replies,
-                                  "chosen": everyone([i + off for i in record["chosen"]])}
+    ours = ([replace(r, old_logp=None if r.old_logp is None else r.old_logp.cpu(), ref_logp=None) for r in rollouts],
+             record["texts"], [{**rep, "rollout": rep["rollout"] + off} for rep in record["replies"]],
+             [i + off for i in record["chosen"]])
+    parts = everyone([ours])  # one gather per step: (rollouts, texts, replies, chosen) of each rank
+    rows, texts, replies, chosen = ([x for part in parts for x in part[k]] for k in range(4))
+    return rows, {**record, "texts": texts, "replies": replies, "chosen": chosen}
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
