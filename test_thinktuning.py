@@ -2474,14 +2474,18 @@ def test_compare_runs_table(tmp_path, capsys):
             json.dumps({"benchmark": "math500", "index": i, "sample": 0, "correct": i in right}) + "\n" for i in range(500)))
     assert run(["--compare", f"{tmp_path / 'zero-shot'},{tmp_path / 'tt'}"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == "| benchmark | zero-shot | tt | paper GRPO | paper ThinkTuning |"
+    assert lines[0] == ("| benchmark | run | n | accuracy % [95% CI] | paired n | right only in zero-shot | right only "
+                        "in this run | McNemar p against zero-shot |")
     (a0, a1), (b0, b1) = _wilson(200, 500), _wilson(237.5, 500)
-    assert f"| math500 | 40.00 [{a0:.1f}, {a1:.1f}] | 47.50 [{b0:.1f}, {b1:.1f}] | 45.46 | 47.54 |" in lines
-    assert any(line.startswith("| gsm8k | - | 70.25 [") for line in lines)
     # McNemar: b = 5 (right only in zero-shot), c = 42; p = 2 * sum_{i <= 5} C(47, i) / 2^47
     p = 2 * sum(math.comb(47, i) for i in range(6)) / 2 ** 47
-    assert (f"math500, tt against zero-shot: 500 questions paired, 5 right only in zero-shot, 42 only in tt, "
-            f"McNemar exact p = {p:.3g}") in lines
+    assert lines[2:] == [f"| math500 | zero-shot | 500 | 40.00 [{a0:.1f}, {a1:.1f}] | - | - | - | - |",
+                         f"| math500 | tt | 500 | 47.50 [{b0:.1f}, {b1:.1f}] | 500 | 5 | 42 | {p:.3g} |",
+                         "| math500 | paper GRPO | full | 45.46 | - | - | - | - |",
+                         "| math500 | paper ThinkTuning | full | 47.54 | - | - | - | - |",
+                         "| gsm8k | zero-shot | - | - | - | - | - | - |",
+                         f"| gsm8k | tt | 400 | 70.25 [{_wilson(281, 400)[0]:.1f}, {_wilson(281, 400)[1]:.1f}] | - | - | - | - |",
+                         tt.COMPARE_NOTE]
     assert run(["--compare", str(tmp_path / "missing")]) == 2
 
 
@@ -3061,9 +3065,8 @@ def test_eval_keeps_models_and_data_apart(model_dirs, tmp_path, capsys, monkeypa
     capsys.readouterr()
     assert run(["--compare", "runs/eval-bigram,same,other"]) == 0
     out = capsys.readouterr().out
-    assert "gsm8k, same against eval-bigram: 2 questions paired" in out
-    assert "gsm8k, other against eval-bigram: not paired, they evaluated different data" in out
-    assert "other against eval-bigram: 2 questions" not in out
+    rows = {line.split(" | ")[1]: line.split(" | ")[4:] for line in out.splitlines() if line.startswith("| gsm8k")}
+    assert rows["same"][0] == "2" and rows["other"] == ["other data", "-", "-", "- |"]  # paired n, b, c, p
 
 
 def test_resume_refuses_another_initial_model(trained, model_dirs, tmp_path, capsys):

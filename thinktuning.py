@@ -2475,34 +2475,30 @@ def read_runs(folders, strict=True):
     return runs
 
 
-def compare_runs(folders):
-    """One markdown table of accuracy (%) with its 95% Wilson interval per benchmark and run (their
-    OUT/eval.json), the paper's beside; then McNemar's exact test of each run against the first."""
-    runs, made = read_runs(folders), []
-    for name, (results, _, ev) in runs.items():
-        for b, r in results.items():  # older eval.json files record model and limit once, or not at all
-            limit = r.get("limit", ev.get("limit", "?"))
-            made.append(f"{name} {b}: {r.get('model', ev.get('model', '?'))}, "
-                        + {None: "whole benchmark", "?": "limit not recorded"}.get(limit, f"first {limit} items"))
-    names = list(dict.fromkeys(b for res, _, _ in runs.values() for b in res))
-    rows = [[b, *[acc_cell(res[b]) if b in res else "-" for res, _, _ in runs.values()], *PAPER.get(b, ("-", "-"))]
-            for b in names]
-    lines = markdown("benchmark|" + "|".join(runs) + "|paper GRPO|paper ThinkTuning", rows).split("\n")
-    first, *rest = runs
-    for b in names:
-        for name in rest:
-            ra, rb = runs[first][0].get(b, {}), runs[name][0].get(b, {})
-            if ra and rb and not same_data(ra, rb):
-                lines.append(f"{b}, {name} against {first}: not paired, they evaluated different data "
-                             f"({ra.get('data')} and {rb.get('data')}: the content differs)")
-                continue
-            n, x, y, p = paired_test(runs[first][1], runs[name][1], b)
-            if n:
-                lines.append(f"{b}, {name} against {first}: {n} questions paired, {x} right only in {first}, "
-                             f"{y} only in {name}, McNemar exact p = {p:.3g}")
-    lines.append("Accuracy [95% Wilson interval]. Runs: " + "; ".join(made) + ". The paper's numbers are "
-                 "Llama-3.2-3B-Instruct on whole benchmarks, greedy pass@1: not comparable to another model or limit.")
-    print("\n".join(lines))
+def compare_table(folders, strict=True):
+    """(head, rows) for --compare and the report: per benchmark and run (its OUT/eval.json) the accuracy with its 95%
+    Wilson interval, and McNemar's exact test of its first answers against the first run's on the same questions;
+    then the paper's numbers."""
+    runs = list(read_runs(folders, strict).items())
+    first, (base, base_preds, _) = runs[0][0], runs[0][1]
+    rows = []
+    for b in dict.fromkeys(b for _, (res, _, _) in runs for b in res):
+        for i, (name, (res, preds, _)) in enumerate(runs):
+            both = i and b in res and b in base  # paired only on the same questions and golds (data_sha256)
+            same = both and same_data(base[b], res[b])
+            n, x, y, p = paired_test(base_preds, preds, b) if same else (0, 0, 0, 1)
+            cmp = [n, x, y, f"{p:.3g}"] if n else ["other data" if both and not same else "-", "-", "-", "-"]
+            cells = [res[b].get("n", "-"), acc_cell(res[b])] if b in res else ["-", "-"]
+            rows.append([b, name, *cells, *cmp])
+        paper = zip(("paper GRPO", "paper ThinkTuning"), PAPER.get(b, ()))
+        rows += [[b, who, "full", value, "-", "-", "-", "-"] for who, value in paper]
+    return (f"benchmark|run|n|accuracy % [95% CI]|paired n|right only in {first}|right only in this run|"
+            f"McNemar p against {first}"), rows
+
+
+COMPARE_NOTE = ("McNemar: the exact two-sided test on the questions where the two runs' first answers (greedy with "
+                "--eval-samples 1) disagree; p < 0.05 suggests a real difference. The paper's numbers are "
+                "Llama-3.2-3B-Instruct on full benchmarks, greedy pass@1: not comparable to another model or limit.")
 
 
 # ------------------------------------------------------------------------------------------------ the report page
@@ -2658,25 +2654,6 @@ def answer_block(p):
     return f'<div class="roll"><div class="hdr">{hdr}</div><div class="toks">{e(p.get("response", ""))}</div></div>'
 
 
-def compare_section(folders):
-    """Each run's accuracy and interval per benchmark, and the exact McNemar p of its first answers against
-    the first run's on the same questions."""
-    runs = list(read_runs(folders, strict=False).items())
-    rows = []
-    for b in dict.fromkeys(b for _, (res, _, _) in runs for b in res):
-        for i, (name, (res, preds, _)) in enumerate(runs):
-            paired = i and b in res and same_data(runs[0][1][0].get(b, {}), res[b])
-            n, x, y, p = paired_test(runs[0][1][1], preds, b) if paired else (0, 0, 0, None)
-            cmp = [n, x, y, f"{p:.3g}"] if i and n else ["-"] * 4
-            rows.append([b, name, acc_cell(res[b]) if b in res else "-", *cmp])
-    first = runs[0][0]
-    head = (f"benchmark|run|accuracy % [95% CI]|paired n|right only in {first}|right only in this run|McNemar p "
-            f"against {first}")
-    return table(head, rows) + ('<p class="note">McNemar: exact two-sided binomial test on the questions where '
-                                "the two runs' first answers (greedy with --eval-samples 1) disagree; p &lt; 0.05 "
-                                "suggests a real difference.</p>")
-
-
 def weight_style(w):
     """A token's background by its AAS weight p/d, on log scales that span the values that occur: white at 1, orange
     below (AAS damps the token's push; full at 0.001, a typical unlikely teacher token), blue above (negative
@@ -2762,7 +2739,8 @@ def write_report(out, others=()):
              "<h2>Evaluation</h2>", eval_section(read_json(os.path.join(out, "eval.json")),
                                                  read_jsonl(os.path.join(out, "eval_samples.jsonl")))]
     if others:
-        parts += ["<h2>Against other runs</h2>", compare_section([out, *others])]
+        head, rows = compare_table([out, *others], strict=False)
+        parts += ["<h2>Against other runs</h2>", table(head, rows), f'<p class="note">{html.escape(COMPARE_NOTE)}</p>']
     parts += ["<h2>Guided rollouts</h2>", rollouts_section(read_jsonl(os.path.join(out, "samples.jsonl")))]
     head = f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{name}</title><style>{CSS}</style></head>'
     path = os.path.join(out, "report.html")
@@ -2824,7 +2802,7 @@ def main(argv=None):
             writable_folder(args.report)
             print(f"wrote {write_report(args.report, [f for f in folders if f != args.report])}")
         elif args.compare:
-            compare_runs(folders)
+            print(markdown(*compare_table(folders)) + "\n" + COMPARE_NOTE)
         elif args.eval:
             run_eval(args)
         elif not train(args):
