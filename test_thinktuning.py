@@ -2662,7 +2662,10 @@ def test_report_guided_steps_shaded_in_every_chart(run_dir):
     svgs = [i for i, (g, a, _) in enumerate(page.elements) if g == "svg"]
     for start, end in zip(svgs, svgs[1:] + [len(page.elements)]):
         bands = [a for g, a, _ in page.elements[start:end] if g == "rect" and a.get("class") == "band"]
-        assert len(bands) == 1  # steps 1 and 2 are one run of guided steps
+        frame = next(a for g, a, _ in page.elements[start:end] if g == "rect" and a.get("class") == "frame")
+        (x1, w1), (x2, w2) = [(float(b["x"]), float(b["width"])) for b in bands]  # steps 1 and 2, of 1-5
+        assert x1 == float(frame["x"]) and x2 == pytest.approx(x1 + w1, abs=0.11)  # one shaded stretch
+        assert x2 + w2 == pytest.approx(x1 + float(frame["width"]) * 1.5 / 4, abs=0.2)  # to step 2.5 of 1-5
 
 
 def test_report_token_spans_equal_sample_tokens_and_weights(run_dir):

@@ -2520,7 +2520,7 @@ COLORS = ["#1f5fa8", "#d2691e", "#2e8b57", "#8b3a8b"]
 DASHES = ["", "6 3", "2 3", "8 3 2 3"]  # equal curves would hide each other: each series has its own dash
 CSS = """body{font:14px/1.45 system-ui,sans-serif;margin:24px;color:#222;max-width:1160px}h2{margin-top:28px}
 .charts{display:flex;flex-wrap:wrap;gap:10px}svg text{font:11px sans-serif;fill:#333}.ttl{font-weight:bold}
-.frame{fill:none;stroke:#bbb}.zero{stroke:#999;stroke-dasharray:3 3}svg .ax{fill:#777}.band{fill:#fde9b8}
+.frame{fill:none;stroke:#bbb}.zero{stroke:#999;stroke-dasharray:3 3}svg .ax{fill:#777}.band{fill:#fde9b8;shape-rendering:crispEdges}
 table{border-collapse:collapse}.note,.hdr{color:#555;font-size:13px}
 td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}td{white-space:nowrap}
 td:first-child,th:first-child{text-align:left}
@@ -2538,9 +2538,9 @@ def tick(v, span):
     return "0" if text == "-0" else text
 
 
-def line_chart(cid, title, unit, series, bands):
-    """One small SVG line chart; series = [(name, [(step, value or None)])]. A series that has a value at most of
-    its steps breaks its line where one is missing; a sparse one (evaluations) joins its points."""
+def line_chart(cid, title, unit, series, guided):
+    """One small SVG line chart; series = [(name, [(step, value or None)])], guided steps shaded. A series that has
+    a value at most of its steps breaks its line where one is missing; a sparse one (evaluations) joins its points."""
     W, H, L, R, T, B = 370, 190, 52, 12, 34, 32  # size and margins in px: room for the title and labels
     lines = []
     for (m, pts), col, dash in zip(series, COLORS * 2, DASHES + DASHES[::-1]):
@@ -2553,14 +2553,15 @@ def line_chart(cid, title, unit, series, bands):
         lines += [(m, seg, col, dash) for seg in segs if seg]
     if not lines:
         return ""
-    xs, ys = [st for _, pts, _, _ in lines for st, _ in pts], [v for _, pts, _, _ in lines for _, v in pts]
+    xs = [st for _, pts in series for st, _ in pts]  # every logged step: all charts share one step axis
+    ys = [v for _, pts, _, _ in lines for _, v in pts]
     x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
     def X(st): return L + (st - x0) / ((x1 - x0) or 1) * (W - L - R)
     def Y(v): return H - B - 5 - (v - y0) / ((y1 - y0) or 1) * (H - T - B - 10)  # 5 px off the frame
-    half = (W - L - R) / max(1, x1 - x0) / 2  # a guided step's band is one step wide, centred on it
-    out = [f'<svg data-metric="{cid}" width="{W}" height="{H}" viewBox="0 0 {W} {H}">']
-    for a, b in bands:
-        lo, hi = max(L, X(a) - half), min(W - R, X(b) + half)
+    half = (W - L - R) / max(1, x1 - x0) / 2  # a guided step's band is one step wide, centred on it: consecutive
+    out = [f'<svg data-metric="{cid}" width="{W}" height="{H}" viewBox="0 0 {W} {H}">']  # steps' bands touch
+    for st in guided:
+        lo, hi = max(L, X(st) - half), min(W - R, X(st) + half)
         out.append(f'<rect class="band" x="{lo:.1f}" y="{T}" width="{hi - lo:.1f}" height="{H - T - B}"/>')
     out.append(f'<rect class="frame" x="{L}" y="{T}" width="{W - L - R}" height="{H - T - B}"/>')
     if y0 < 0 < y1:  # a loss changes sign: where zero is
@@ -2593,15 +2594,9 @@ def curves_section(rows, others=()):
     def pts(rs, m): return [(num(r.get("step")) if num(r.get("step")) is not None else i, num(r.get(m)))  # noqa
                             for i, r in enumerate(rs)]
     guided = [st for st, n in pts(rows, "n_guided") if (n or 0) > 0]
-    bands = []  # [first, last] step of each run of consecutive guided steps
-    for st in guided:
-        if bands and bands[-1][1] == st - 1:
-            bands[-1][1] = st
-        else:
-            bands.append([st, st])
     charts = [line_chart(cid, title, unit, [(m, pts(rows, m)) for m in ms.split()]
                          + [(f"{name}: {m}", pts(rs, m)) for name, rs in others for m in ms.split() if m in OVERLAID],
-                         bands) for cid, title, unit, ms in CHARTS
+                         guided) for cid, title, unit, ms in CHARTS
               if cid != "guidance_pct" or any(num(r.get(cid)) for r in rows)]  # none in a GRPO run
     return (f'<p class="note">{len(rows)} steps logged, {len(guided)} with guided rollouts (shaded: the teacher\'s '
             f'feedback was spliced onto at least one rollout).</p>'
