@@ -1700,7 +1700,7 @@ def test_master_adamw_chunked_step_matches_plain_adamw(tok, dtype):
     ref_opt = torch.optim.AdamW(ref, lr=1e-3, weight_decay=0.01)
     optim = tt.MasterAdamW(model, 1e-3, 0.01)
     ps, master = optim.params, optim.master
-    assert optim.separate() == (dtype == torch.bfloat16) and master[0].dtype == torch.float32
+    assert optim.separate == (dtype == torch.bfloat16) and master[0].dtype == torch.float32
     g = torch.Generator().manual_seed(0)
     for scale, clipped in ((0.002, False), (0.05, True)):  # below the clip (the scale is capped at 1), then above
         for p, r in zip(params, ref):
@@ -1824,8 +1824,12 @@ def test_print_plan_memory_estimate_and_gpu_warning_by_hand(tok, tmp_path, monke
                                          "--max-new-tokens", "20", "--out", str(tmp_path)])
     args.device, args.dtype, args.grad_ckpt = "cuda", "float32", True  # as on a GPU, without one
     run_ = type("Run", (), {"args": args, "student": student, "teacher": teacher, "ref": None,
-                            "optim": tt.MasterAdamW(student, 1e-6, 0.0), "student_how": tt.Sampling([1], 1, 20, batch=8)})()
-    trained, frozen, phases = tt.memory_estimate(run_, prompt_width=64)
+                            "optim": tt.MasterAdamW(student, 1e-6, 0.0), "problems": [{}] * 10,
+                            "student_how": tt.Sampling([1], 1, 20, batch=8, prompt_len=64),
+                            "teacher_how": tt.Sampling([1], 1, args.teacher_max_new_tokens, 0.0,
+                                                       batch=tt.teacher_rows(args),
+                                                       prompt_len=args.teacher_max_prompt_len)})()
+    trained, frozen, phases = tt.memory_estimate(run_)
     assert (trained, frozen) == (300_672, 100_224)
     assert phases == {"student sampling": 256 * 8 * 84 + 1280 * 8 * 64,  # KV cache + prefill: 827,392
                       "old log-probs": 1280 * 8 * 84,  # 860,160
@@ -1835,10 +1839,10 @@ def test_print_plan_memory_estimate_and_gpu_warning_by_hand(tok, tmp_path, monke
     for total, warned in ((10_907_756, False), (10_907_755, True)):  # 10,362,368 / 0.95 = 10,907,755.8
         monkeypatch.setattr(tt.torch.cuda, "get_device_properties",
                             lambda device: type("Props", (), {"total_memory": total})())
-        tt.print_plan(run_, 10, 0, prompt_width=64)
+        tt.print_plan(run_, 0)
         assert ("more than this GPU" in capsys.readouterr().out) == warned
     args.grad_ckpt = False  # every layer keeps its 12 h + 3 I = 576 values: 2 layers x 2,304 bytes per token
-    assert tt.memory_estimate(run_, 64)[2]["update"] == 25_056 * 4 + 2 * 2304 * 2 * 84
+    assert tt.memory_estimate(run_)[2]["update"] == 25_056 * 4 + 2 * 2304 * 2 * 84
 
 
 def test_end_to_end_kl_penalty_uses_the_frozen_initial_model(model_dirs, train_file, tmp_path):
@@ -3116,13 +3120,14 @@ def test_print_plan_sizes_and_cpu_memory_warning(tok, tmp_path, monkeypatch, cap
                                          "--max-new-tokens", "20", "--out", str(tmp_path), "--no-teacher"])
     args.device, args.dtype, args.grad_ckpt = "cpu", "float32", False
     run_ = SimpleNamespace(args=args, student=student, teacher=None, ref=None, optim=tt.MasterAdamW(student, 1e-6, 0.0),
-                           student_how=tt.Sampling([1], 1, 20, batch=8))
-    trained, frozen, phases = tt.memory_estimate(run_, prompt_width=64)
+                           problems=[{}] * 10, student_how=tt.Sampling([1], 1, 20, batch=8, prompt_len=64),
+                           teacher_how=None)
+    trained, frozen, phases = tt.memory_estimate(run_)
     peak = trained + frozen + max(phases.values())
     page = os.sysconf("SC_PAGE_SIZE")
     for pages, warned in ((int(peak / 0.95 / page) + 1, False), (int(peak / 0.95 / page) - 1, True)):
         monkeypatch.setattr(tt.os, "sysconf", lambda name, pages=pages: page if name == "SC_PAGE_SIZE" else pages)
-        tt.print_plan(run_, 10, 0, prompt_width=64)
+        tt.print_plan(run_, 0)
         out = capsys.readouterr().out
         assert ("more than this machine's" in out) == warned and "checkpoints: about 301 kB each" in out
 

@@ -1461,15 +1461,13 @@ def load_model(name, args, trainable):
     return model
 
 
-def pad_token_id(tok):
-    """The tokenizer's pad id, or EOS where it has none. Masks never compare ids with it."""
-    return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-
-
-def stop_ids(tok, model):
-    """The token ids that end a turn: the tokenizer's EOS plus any the model's generation config adds."""
+def make_sampling(tok, model, max_new, temperature, fast, batch=None, prompt_len=None):
+    """How `model` samples (Part I's Sampling). Stops, the ids that end a turn: the tokenizer's EOS plus any the
+    model's generation config adds; pad id: the tokenizer's, or EOS where it has none (masks never compare with it)."""
     extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    return sorted({tok.eos_token_id, *(extra if isinstance(extra, (list, tuple)) else [extra])} - {None})
+    stops = sorted({tok.eos_token_id, *(extra if isinstance(extra, (list, tuple)) else [extra])} - {None})
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    return Sampling(stops, pad_id, max_new, temperature, fast, batch, prompt_len)
 
 
 # ------------------------------------------------------------------------------------------------ the teacher server
@@ -1641,9 +1639,9 @@ def generate_static(model, prompts, how, desc="sample"):
     + how.max_new) slots. Extra rows (batch > len(prompts)) are padding and are dropped; a row that has
     finished writes the pad id after its stop token."""
     n, pad_id, max_new = len(prompts), how.pad_id, how.max_new
-    batch, prompt_len = max(how.batch or n, n), max(how.prompt_len or 0, max(len(p) for p in prompts))
-    ids, mask = left_pad(prompts + [prompts[0]] * (batch - n), pad_id, model.device, width=prompt_len)
-    dec = _static_decoder(model, batch, prompt_len + max_new)
+    batch = max(how.batch or n, n)
+    ids, mask = left_pad(prompts + [prompts[0]] * (batch - n), pad_id, model.device, width=how.prompt_len)
+    dec = _static_decoder(model, batch, ids.shape[1] + max_new)
     dec["cache"].reset()
     full_mask = torch.cat([mask, mask.new_ones(batch, max_new)], 1)  # [B, L]: fixed, so one compiled graph
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, P]
@@ -1734,10 +1732,7 @@ class MasterAdamW:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.master = [p if p.dtype == torch.float32 else p.detach().float().requires_grad_(True) for p in self.params]
         self.opt = torch.optim.AdamW(self.master, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay, fused=fused)
-
-    def separate(self):
-        """Whether the master weights are copies (bf16 weights) rather than the weights themselves."""
-        return any(m is not p for m, p in zip(self.master, self.params))
+        self.separate = any(m is not p for m, p in zip(self.master, self.params))  # master weights are copies (bf16)
 
     def zero_grad(self):
         for p in self.params:
@@ -1775,14 +1770,14 @@ class MasterAdamW:
         return float(norm), ok
 
     def state_dict(self):
-        return {"optimizer": self.opt.state_dict(), "master": self.master if self.separate() else None}
+        return {"optimizer": self.opt.state_dict(), "master": self.master if self.separate else None}
 
     def load_state_dict(self, saved):
         if [tuple(s["exp_avg"].shape) for s in saved["optimizer"]["state"].values()] != [m.shape for m in self.master]:
             raise UserError("the checkpoint's trainer_state.pt belongs to a model of another shape than its weights: "
                             "start a new run from the weights with --model CKPT --out ANOTHER")
         self.opt.load_state_dict(saved["optimizer"])
-        if saved["master"] is not None and self.separate():
+        if saved["master"] is not None and self.separate:
             with torch.no_grad():
                 for m, s in zip(self.master, saved["master"]):
                     m.copy_(s)
@@ -1823,11 +1818,9 @@ def start_run(args):
     if args.kl_beta > 0:  # the frozen initial model is also the default teacher: no extra memory then
         ref = teacher if teacher is not None and not args.teacher else load_model(args.model, args, trainable=False)
     n_roll = args.prompts_per_step // WORLD * args.group_size  # this rank's rollouts
-    student_how = Sampling(stop_ids(tok, student), pad_token_id(tok), args.max_new_tokens, args.temperature,
-                           args.fast, batch=n_roll, prompt_len=prompt_width)
-    teacher_how = (Sampling(stop_ids(teacher_tok, teacher), pad_token_id(teacher_tok), args.teacher_max_new_tokens,
-                            0.0, args.fast, teacher_rows(args), args.teacher_max_prompt_len)
-                   if teacher is not None and not server else None)
+    student_how = make_sampling(tok, student, args.max_new_tokens, args.temperature, args.fast, n_roll, prompt_width)
+    teacher_how = (make_sampling(teacher_tok, teacher, args.teacher_max_new_tokens, 0.0, args.fast, teacher_rows(args),
+                                 args.teacher_max_prompt_len) if teacher is not None and not server else None)
     run = Run(args, tok, student, teacher, teacher_tok, ref,
               MasterAdamW(student, args.lr, args.weight_decay, fused=args.device.startswith("cuda")),
               problems, student_how, teacher_how, random.Random(args.seed),
@@ -1840,7 +1833,7 @@ def start_run(args):
         json.dump(vars(args), f, indent=1)
     with open(os.path.join(args.out, "args_history.jsonl"), "a") as f:  # every start of this run, resumes too
         f.write(json.dumps({"first_step": first_step, "argv": sys.argv[1:], **vars(args)}) + "\n")
-    print_plan(run, len(problems), skipped, prompt_width)
+    print_plan(run, skipped)
     return run
 
 
@@ -1965,41 +1958,38 @@ def activation_bytes(cfg, tokens, itemsize, checkpointed):
     return kept * itemsize * tokens
 
 
-def memory_estimate(run, prompt_width):
+def memory_estimate(run):
     """Bytes of one step: (trained: weights, AdamW's moments and fp32 master weights, also the checkpoint's size;
     frozen: teacher and KL reference; {phase: what comes and goes}). The peak is trained + frozen + the largest
-    phase: each KV cache lives only while its model samples, gradients and activations only in the update."""
-    args, cfg, teacher = run.args, run.student.config, run.teacher
-    size, n_roll, width = run.student.dtype.itemsize, run.student_how.batch, prompt_width + args.max_new_tokens
-    n_params, rows = sum(p.numel() for p in run.optim.params), min(args.micro_batch, n_roll // args.minibatches)
-    frozen_models = {id(m): m for m in (teacher, run.ref) if isinstance(m, torch.nn.Module)}  # ref may be teacher
+    phase: each KV cache lives only while its model samples, gradients and activations only in the update.
+    Sampling takes the shapes of the samplers (run.student_how, run.teacher_how: rows, prompt and new slots)."""
+    args, cfg, how = run.args, run.student.config, run.student_how
+    size, width = run.student.dtype.itemsize, how.prompt_len + how.max_new
+    n_params, rows = sum(p.numel() for p in run.optim.params), min(args.micro_batch, how.batch // args.minibatches)
+    frozen_models = {id(m): m for m in (run.teacher, run.ref) if isinstance(m, torch.nn.Module)}  # ref may be teacher
     frozen = sum(p.numel() * p.element_size() for m in frozen_models.values() for p in m.parameters())
-    phases = {"student sampling": (kv_cache_bytes(cfg, n_roll, width, size)  # + the prefill of every prompt at once
-                                   + forward_bytes(cfg, n_roll * prompt_width, size)),
-              "old log-probs": forward_bytes(cfg, min(n_roll, 4 * args.micro_batch) * width, size),
-              "update": n_params * size + activation_bytes(cfg, rows * width, size, args.grad_ckpt)}
-    if isinstance(teacher, torch.nn.Module):
-        t_cfg, t_size, t_rows, t_prompt = (teacher.config, teacher.dtype.itemsize, teacher_rows(args),
-                                           args.teacher_max_prompt_len)
-        phases["teacher sampling"] = (kv_cache_bytes(t_cfg, t_rows, t_prompt + args.teacher_max_new_tokens, t_size)
-                                      + forward_bytes(t_cfg, t_rows * t_prompt, t_size))
-    return n_params * (size + 8 + 4 * run.optim.separate()), frozen, phases
+    phases = {f"{role} sampling": kv_cache_bytes(m.config, h.batch, h.prompt_len + h.max_new, m.dtype.itemsize)
+              + forward_bytes(m.config, h.batch * h.prompt_len, m.dtype.itemsize)  # + the prefill of every prompt
+              for role, m, h in (("student", run.student, how), ("teacher", run.teacher, run.teacher_how)) if h}
+    phases.update({"old log-probs": forward_bytes(cfg, min(how.batch, 4 * args.micro_batch) * width, size),
+                   "update": n_params * size + activation_bytes(cfg, rows * width, size, args.grad_ckpt)})
+    return n_params * (size + 8 + 4 * run.optim.separate), frozen, phases
 
 
-def print_plan(run, n_problems, skipped, prompt_width):
+def print_plan(run, skipped):
     """What a step does and what it costs: rollouts and tokens per step, a memory estimate, checkpoint size."""
-    args, n_roll = run.args, run.student_how.batch * WORLD
+    args, how, n_roll = run.args, run.student_how, run.student_how.batch * WORLD
     n_params = sum(p.numel() for p in run.optim.params)
     method = "ThinkTuning" if run.teacher is not None else "ThinkTuning (guidance over)"
-    print(f"{'vanilla GRPO' if args.no_teacher else method}: {n_problems} questions"
+    print(f"{'vanilla GRPO' if args.no_teacher else method}: {len(run.problems)} questions"
           f"{f' ({skipped} with prompts over --max-prompt-len skipped)' if skipped else ''}, "
           f"{args.prompts_per_step} x {args.group_size} = {n_roll} rollouts per step, up to "
-          f"{n_roll * (prompt_width + args.max_new_tokens):,} tokens per step, "
+          f"{n_roll * (how.prompt_len + how.max_new):,} tokens per step, "
           f"{args.minibatches} optimizer steps of {n_roll // args.minibatches} rollouts"
           + (f"; {WORLD} processes, {n_roll // WORLD} rollouts each (memory below: per process)" if WORLD > 1 else ""))
-    trained, frozen, phases = memory_estimate(run, prompt_width)
+    trained, frozen, phases = memory_estimate(run)
     peak = trained + frozen + max(phases.values())
-    masters = ", fp32 master weights" if run.optim.separate() else ""
+    masters = ", fp32 master weights" if run.optim.separate else ""
     if isinstance(run.teacher, TeacherServer):
         print(f"teacher: {run.teacher.model} at {run.teacher.url} (no teacher weights on {args.device})")
     print(f"student {n_params / 1e6:.0f}M parameters, {args.dtype} on {args.device}; memory estimate: "
@@ -2040,7 +2030,7 @@ def step_metrics(run, step, rollouts, record):
     whys = [rep["why"] for rep in replies if rep["why"]]
     guided = [r for r in rollouts if r.guided]
     teach = [w for r in guided if r.adv != 0 and r.old_logp is not None  # the teacher's tokens alone, stop token too
-             for w, u in zip(*[t[r.n_student:].tolist() for t in aas_weights(r, False)[1:]]) if u]
+             for w, u in zip(*[t.tolist() for t in aas_weights(r, True)[1:]]) if u]
     own = [(r, text) for r, text in zip(rollouts, record["texts"]) if not r.guided]
     spread = torch.tensor([r.reward for r in rollouts]).view(-1, args.group_size).std(1)  # [B]
     row = {"step": step, "reward": sum(r.reward for r in rollouts) / len(rollouts),
@@ -2100,7 +2090,7 @@ def log_step(run, step, rollouts, record):
                    f"(a task too hard for the model, or answers cut by --max-new-tokens; a lower --temperature helps)")
     with open(os.path.join(run.args.out, "metrics.jsonl"), "a") as f:
         f.write(json.dumps({k: None if v != v else v for k, v in row.items()}) + "\n")  # NaN -> null
-    shown = ([r for r in rollouts if r.guided] + [r for r in rollouts if not r.guided])[:run.args.log_samples]
+    shown = sorted(rollouts, key=lambda r: not r.guided)[:run.args.log_samples]  # guided first, in step order
     entries = [sample_record(run, step, r) for r in shown] + [{"step": step, **rep} for rep in record["replies"]]
     with open(os.path.join(run.args.out, "samples.jsonl"), "a") as f:
         f.writelines(json.dumps(e) + "\n" for e in entries)
@@ -2396,8 +2386,8 @@ def run_eval(args):
                         f"another --out (without --out: runs/eval-MODEL)")
     tok = load_tokenizer(args.model)
     model = load_model(args.model, args, trainable=False)
-    how = Sampling(stop_ids(tok, model), pad_token_id(tok), args.eval_max_new_tokens or args.max_new_tokens,
-                   args.eval_temperature, args.fast, batch=args.eval_batch_size * args.eval_samples)
+    how = make_sampling(tok, model, args.eval_max_new_tokens or args.max_new_tokens, args.eval_temperature, args.fast,
+                        batch=args.eval_batch_size * args.eval_samples)
     made = {"model": model_id, "samples": args.eval_samples,  # also in each result: a folder may hold several calls
             "temperature": args.eval_temperature if args.eval_samples > 1 else 0.0, "max_new_tokens": how.max_new,
             "limit": args.eval_limit}
