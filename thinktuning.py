@@ -763,8 +763,7 @@ def check_args(args):
 # find its weak spots, so when unsure it says "wrong".
 
 MAX_ANSWER_CHARS = 400  # a longer "final answer" is not an answer
-_BARE_BOX = re.compile(r"[ \t]+([^\s$]+)")
-_BOX_WORDS = ("\\boxed", "\\fbox", "\\framebox")
+_BOX = re.compile(r"\\(?:boxed|fbox|framebox)(?: {1,2}(?=\{)|[ \t]+([^\s$]+))?")  # "\boxed {5}", bare "\boxed 5"
 _TEMPLATE = re.compile(r"<\|[a-z_]{1,30}\|>")  # <|im_end|>, <|eot_id|>: whatever follows is not the response
 
 
@@ -772,15 +771,13 @@ def _box_before(text, end):
     """(start, stop, content) of the last \\boxed / \\fbox that starts before `end`, braces counted; content None when
     truncated. Empty boxes are skipped: "put your answer in \\boxed{}" restates the instruction, it is no answer."""
     for _ in range(20):
-        start = max(text.rfind(word, 0, end) for word in _BOX_WORDS)
+        start = max(text.rfind(word, 0, end) for word in ("\\boxed", "\\fbox", "\\framebox"))
         if start < 0:
             return None
-        i = start + next(len(w) for w in _BOX_WORDS if text.startswith(w, start))
-        while i < len(text) and text[i] == " " and text.find("{", i, i + 3) > 0:  # "\\boxed {5}"
-            i += 1
-        if i >= len(text) or text[i] != "{":
-            m = _BARE_BOX.match(text, i)  # \boxed 5
-            return (start, m.end(), m.group(1)) if m else (start, i, None)
+        m = _BOX.match(text, start)
+        i = m.end()
+        if m[1] or not text.startswith("{", i):
+            return start, i, m[1]  # a bare box, or (content None) a box word with no box
         depth, j = 0, i
         for j in range(i, min(len(text), i + 4 * MAX_ANSWER_CHARS)):
             depth += {"{": 1, "}": -1}.get(text[j], 0)
@@ -829,9 +826,7 @@ _COMMENT = re.compile(r"[ \t*:]*(?:correct|right|verified|confirmed)[ \t*]*[.!]?
 
 def _sentence_after(text, i):
     """The text from i to the end of its sentence: a newline, or a '.'/'!'/'?' followed by a space or the end."""
-    while i < len(text) and text[i].isspace():  # "The answer is:\n\n18"
-        i += 1
-    i += 2 if text.startswith(("- ", "* "), i) else 0  # a markdown bullet, not a minus sign
+    i = re.compile(r"\s*(?:[-*] )?").match(text, i).end()  # "The answer is:\n\n18", "- 18": a bullet, not a minus
     for opening, closing in (("$$", "$$"), ("\\[", "\\]")):  # "The answer is:\n$$\n\\frac{1}{2}\n$$": the block
         if text.startswith(opening, i):
             j = text.find(closing, i + 2, i + 2 + MAX_ANSWER_CHARS)
@@ -850,9 +845,8 @@ def _taken_back(text, i, answer):
     if _RETRACTION.search(text, i, i + 300):
         return True
     later = _phrase_answer(text[i:])  # a later "the answer is 26" (but "our answer is correct" is a comment)
-    if later is None or not all(_values(v) for v in _split_top(normalize_answer(later).strip("()[]"))):
-        return False
-    return not answers_match(later, answer)
+    return (later is not None and all(_values(v) for v in _split_top(normalize_answer(later).strip("()[]")))
+            and not answers_match(later, answer))
 
 
 def _boxed_answer(text, box):
@@ -883,26 +877,24 @@ def _last_phrase(text):
     ("The answer is correct.") nor a step's goal ("Step 1: find the answer: ..."), or None."""
     last = None
     for m in _ANSWER_PHRASE.finditer(text, max(0, len(text) - 20_000)):
-        if _SETUP.search(text, max(0, m.start() - 24), m.start()):  # a step's goal, not its result
-            continue
-        if last is None or not _COMMENT.match(text, m.end()):
+        goal = _SETUP.search(text, max(0, m.start() - 24), m.start())  # a step's goal, not its result
+        if not goal and (last is None or not _COMMENT.match(text, m.end())):  # a comment after an answer: skipped
             last = m
     return last
 
 
-def _phrase_answer(text, phrase=None):
+def _phrase_answer(text):
     """The sentence after the last answer phrase, unless hedged or taken back; of a statement such as "The smallest
     $k$ is 12" the part after "is", and of "18 eggs" the number (a count noun: no unit, single letter or scale)."""
-    phrase = phrase or _last_phrase(text)
+    phrase = _last_phrase(text)
     if phrase is None:
         return None
     answer, stop = _sentence_after(text, phrase.end())
     answer = answer.strip().strip("*").strip().rstrip(",")
     if not answer or _HEDGE.search(answer) or _RETRACTION.search(answer):
         return None
-    clause = _CLAUSE.search(answer)
-    if clause and re.search(r"\d", answer[:clause.start()]):  # the answer is what comes before the explanation
-        answer = answer[:clause.start()].strip()
+    clause = _CLAUSE.search(answer)  # the answer is what comes before the explanation
+    answer = answer[:clause.start()].strip() if clause and re.search(r"\d", answer[:clause.start()]) else answer
     parts = re.split(r"\s(?:is|are|was|equals)\s", answer)
     answer = _count_noun_dropped(parts[-1].strip() if len(parts) == 2 else answer)
     return None if _taken_back(text, stop, answer) else answer
@@ -924,14 +916,12 @@ def _final_sentence_answer(text):
     (with a scale word or percent sign), never a number inside LaTeX. A last number from anywhere would reward
     truncated outputs that stop while restating the question or an intermediate result."""
     tail = re.sub(r"\\\[[^\]]*\]|\$\$[^$]*\$\$", lambda m: m[0].replace("\n", " "), text[-2000:])  # displays: one line
-    lines = [line for line in re.sub(r"\\[\[\]()]|\$\$", "$", tail).split("\n") if line.strip()]  # and math is $..$
-    if not lines:
-        return None
-    letter = re.fullmatch(r"[*$\s]*\(?([A-J])\)?[*.$\s]*", lines[-1]) or re.search(  # "(B)", "**C**", "$D$", "A"
-        r"\b(?:choose|select|pick)\s(?:option\s)?\(?([A-J])\)?\W*$|(?<![\w(])\(?([A-J])\)? is the correct", lines[-1])
+    last = re.sub(r"\\[\[\]()]|\$\$", "$", tail).strip().split("\n")[-1]  # the last line; math is $..$
+    letter = re.fullmatch(r"[*$\s]*\(?([A-J])\)?[*.$\s]*", last) or re.search(  # "(B)", "**C**", "$D$", "A"
+        r"\b(?:choose|select|pick)\s(?:option\s)?\(?([A-J])\)?\W*$|(?<![\w(])\(?([A-J])\)? is the correct", last)
     if letter:
         return letter.group(1) or letter.group(2)
-    final = re.split(r"(?<=[.!?])\s+(?=\S)|(?<=\$)\s+(?=[A-Z])", lines[-1].replace("**", "").strip())[-1]
+    final = re.split(r"(?<=[.!?])\s+(?=\S)|(?<=\$)\s+(?=[A-Z])", last.replace("**", "").strip())[-1]
     if _HEDGE.search(final) or _UNFINISHED.search(final.rstrip("$ ")) or final.count("{") != final.count("}"):
         return None
     clause = re.search(r",\s*(?:which|since|because)\b", final)  # "15 stickers, which is 3 more than Tom"
@@ -964,8 +954,7 @@ def extract_answer(text):
     if 0 <= a < b and b - a < MAX_ANSWER_CHARS:
         content = text[a + 8:b].strip()
         return content if content and not _taken_back(text, b, content) else None
-    phrase = _last_phrase(text)
-    return _phrase_answer(text, phrase) if phrase else _final_sentence_answer(text)
+    return _phrase_answer(text) if _last_phrase(text) else _final_sentence_answer(text)
 
 
 _UNWRAP = re.compile(r"\\(?:text|textbf|textit|textnormal|mathbf|mathrm|mathit|mbox|operatorname)\s*\{([^{}]*)\}")
@@ -1028,13 +1017,13 @@ def normalize_answer(s):
 
 
 # Values without a CAS: a small recursive-descent evaluator; exact Fractions while the answer stays rational.
-_TOKEN = re.compile(r"\\(?:frac|binom|sqrt|pi|cdot|times|div|sinh|cosh|tanh|sin|cos|tan|sec|csc|cot|log|ln|exp)|"
+_TOKEN = re.compile(r"\d+\\frac\{\d+\}\{\d+\}|\d*\.\d*\\overline\{\d+\}|"  # one number: 2\frac{1}{3}, 0.1\overline{6}
+                    r"\\(?:frac|binom|sqrt|pi|cdot|times|div|sinh|cosh|tanh|sin|cos|tan|sec|csc|cot|log|ln|exp)|"
                     r"\d+\.?\d*|\.\d+|[a-z]|[-+*/^(){}\[\]!|_]")
 _FUNCS = {"\\sin": cmath.sin, "\\cos": cmath.cos, "\\tan": cmath.tan, "\\sinh": cmath.sinh, "\\cosh": cmath.cosh,
           "\\tanh": cmath.tanh, "\\ln": cmath.log, "\\log": cmath.log10, "\\sec": lambda z: 1 / cmath.cos(z),
           "\\exp": cmath.exp, "\\csc": lambda z: 1 / cmath.sin(z), "\\cot": lambda z: 1 / cmath.tan(z)}
 _CONSTANTS = {"e": cmath.e, "i": 1j, "\\pi": cmath.pi}
-_FAILS = (ValueError, ZeroDivisionError, OverflowError, TypeError, RecursionError)
 
 
 class _Evaluation:
@@ -1043,7 +1032,7 @@ class _Evaluation:
     anything it does not know."""
 
     def __init__(self, toks, point):
-        self.toks, self.at, self.point, self.depth = toks + [""], 0, point, 0
+        self.toks, self.at, self.point, self.depth = toks + [""], 0, {**_CONSTANTS, **point}, 0
         self.value = self.expr()
         if self.at != len(toks):
             raise ValueError("trailing tokens")
@@ -1099,13 +1088,15 @@ class _Evaluation:
             self.take({"(": ")", "{": "}"}.get(tok, "|"))
             return abs(value) if tok == "|" else value
         if tok[0].isdigit() or tok[0] == ".":
-            mixed = re.fullmatch(r"\\frac\{(\d+)\}\{(\d+)\}", "".join(self.toks[self.at:self.at + 7]))
-            if mixed and "." not in tok:  # 2\frac{1}{3} is the mixed number 7/3
-                self.at += 7
-                return int(tok) + Fraction(int(mixed[1]), int(mixed[2]))
+            if "\\frac" in tok:  # 2\frac{1}{3} is the mixed number 7/3
+                whole, num, den = map(int, re.findall(r"\d+", tok))
+                return whole + Fraction(num, den)
+            if "\\overline" in tok:  # 0.1\overline{6} = (16 - 1) / 90
+                whole, fix, rep = re.fullmatch(r"(\d*)\.(\d*)\\overline\{(\d+)\}", tok).groups()
+                return Fraction(int(whole + fix + rep) - int(whole + fix or 0), (10 ** len(rep) - 1) * 10 ** len(fix))
             return Fraction(tok)
-        if tok in self.point or tok in _CONSTANTS:
-            return self.point[tok] if tok in self.point else _CONSTANTS[tok]
+        if tok in self.point:  # a variable or a constant
+            return self.point[tok]
         if tok == "\\frac":
             return self.atom() / self.atom()
         if tok == "\\binom":
@@ -1113,18 +1104,14 @@ class _Evaluation:
             return Fraction(math.comb(n, k))
         if tok == "\\sqrt":  # \sqrt{x}, \sqrt[3]{x}
             index = Fraction(2)
-            if self.toks[self.at] == "[":
-                self.take()
+            if self.toks[self.at] == "[" and self.take():
                 index = self.expr()
                 self.take("]")
             return self.power(self.atom(), 1 / index)
         if tok not in _FUNCS:
             raise ValueError(tok)
-        base = 1
-        if tok == "\\log" and self.toks[self.at] == "_":  # \log_2 8: the logarithm in base 2
-            self.take()
-            base = cmath.log10(self.atom())
-        exponent = self.expr(3) if self.toks[self.at] == "^" and self.take() else 1  # \sin^2 x, never \sin^{-1}
+        base = cmath.log10(self.atom()) if tok == "\\log" and self.toks[self.at] == "_" and self.take() else 1
+        exponent = self.expr(3) if self.toks[self.at] == "^" and self.take() else 1  # \log_2 8, \sin^2 x, not \sin^{-1}
         if exponent.real < 1:
             raise ValueError("inverse function")
         if self.toks[self.at] in ("(", "{"):
@@ -1148,27 +1135,21 @@ class _Evaluation:
         return complex(base) ** complex(exponent)
 
 
-def _integer(value, limit=1000):  # n! and binomials of small non-negative integers only
-    if not isinstance(value, Fraction) or value.denominator != 1 or not 0 <= value <= limit:
+def _integer(value):  # n! and binomials of small non-negative integers only
+    if not isinstance(value, Fraction) or value.denominator != 1 or not 0 <= value <= 1000:
         raise ValueError("not a small integer")
     return int(value)
-
-
-def _tokens(s):
-    """The tokens of a normalised answer, or None when it is text or not a plain expression."""
-    words = re.sub(r"\\[a-z]+", " ", s)  # words ("north"; "no" vs "on") are text, not products of variables
-    if len(s) > MAX_ANSWER_CHARS or re.search(r"[a-z]{3}", words) or re.fullmatch(r"[a-z]{2,}", s):
-        return None
-    toks = _TOKEN.findall(s)
-    return toks if "".join(toks) == s else None
 
 
 @functools.lru_cache(maxsize=4096)
 def _values(s):
     """(variables, values at seeded random points, the same points for the same variables) of a normalised answer,
-    or None when it is not an expression this grader reads."""
-    toks = _tokens(s)
-    if toks is None:
+    or None when it is text or not an expression this grader reads."""
+    words = re.sub(r"\\[a-z]+", " ", s)  # words ("north"; "no" vs "on") are text, not products of variables
+    if len(s) > MAX_ANSWER_CHARS or re.search(r"[a-z]{3}", words) or re.fullmatch(r"[a-z]{2,}", s):
+        return None
+    toks = _TOKEN.findall(s)
+    if "".join(toks) != s:
         return None
     names = sorted({t for t in toks if t.isalpha() and t not in _CONSTANTS})
     rnd = random.Random(2024)
@@ -1177,38 +1158,15 @@ def _values(s):
     try:  # pi and e also as unknowns: an exact check that \pi + 10^{-15} is not \pi, where floats cannot tell
         return (names, [_Evaluation(toks, {v: point[v] for v in names}).value for point in points],
                 [_Evaluation(toks, point).value for point in points])
-    except _FAILS:
+    except (ValueError, ZeroDivisionError, OverflowError, TypeError, RecursionError):  # refused, or no value
         return None
 
 
 def to_number(s):
     """Exact value of a normalised numeric answer (integer, decimal, a/b, \\frac{a}{b}, mixed 1\\frac{4}{5},
     1.5\\times10^{3}, 2^{10}, 0.\\overline{3}) or None (also for anything irrational, such as \\sqrt{2})."""
-    m = re.fullmatch(r"(-?)(\d*)\.(\d*)\\overline\{(\d+)\}", s)  # 0.1\overline{6} = 1/6
-    if m:
-        sign, whole, fixed, rep = m.groups()
-        value = (int(whole or 0) + Fraction(int(fixed or 0), 10 ** len(fixed))
-                 + Fraction(int(rep), (10 ** len(rep) - 1) * 10 ** len(fixed)))
-        return -value if sign else value
     values = _values(s)
     return values[1][0] if values and not values[0] and isinstance(values[1][0], Fraction) else None
-
-
-def _expr_equal(a, b):
-    """Equal as expressions: both read, same variables, and equal at the same points: exactly when all values are
-    rational (also with pi and e as unknowns), else as complex numbers within 1e-13 relative."""
-    va, vb = _values(a), _values(b)
-    if va is None or vb is None or va[0] != vb[0]:
-        return False
-    if all(isinstance(v, Fraction) for v in va[1] + vb[1]):
-        return va[1] == vb[1]
-    if "." in a + b or (all(isinstance(v, Fraction) for v in va[2] + vb[2]) and va[2] != vb[2]):
-        return False  # a decimal literal never equals an irrational: 3.14159265 is not \pi; nor \pi + 10^{-15}
-    try:
-        return all(cmath.isfinite(x) and cmath.isfinite(y) and abs(x - y) <= 1e-13 * max(abs(x), abs(y)) + 1e-15
-                   for x, y in zip(va[1], vb[1]))
-    except OverflowError:  # a huge rational against an irrational
-        return False
 
 
 def _matrix(s):
@@ -1240,15 +1198,26 @@ def _strip_parens(s):
 
 
 def _atom_equal(a, b):
+    """Equal as values: the same string, or both read as expressions in the same variables and equal at the same
+    points: exactly when all values are rational (also with pi and e as unknowns), else as complex numbers within
+    1e-13 relative."""
     if a == b:
         return True
     if a.endswith("%") or b.endswith("%"):  # a percent is its number, never a fraction: 25% is 25, not 0.25, and
         x, y = to_number(a.rstrip("%")), to_number(b.rstrip("%"))  # against a bare gold only a whole one (not 0.25)
         return x is not None and x == y and (b.endswith("%") or x.denominator == 1)
-    x, y = to_number(a), to_number(b)
-    if x is not None and y is not None:
-        return x == y  # plain numbers compare exactly: 1/2^98 is not 1/2^99
-    return _expr_equal(a, b)
+    va, vb = _values(a), _values(b)
+    if va is None or vb is None or va[0] != vb[0]:
+        return False
+    if all(isinstance(v, Fraction) for v in va[1] + vb[1]):
+        return va[1] == vb[1]  # plain numbers compare exactly: 1/2^98 is not 1/2^99
+    if "." in a + b or (all(isinstance(v, Fraction) for v in va[2] + vb[2]) and va[2] != vb[2]):
+        return False  # a decimal literal never equals an irrational: 3.14159265 is not \pi; nor \pi + 10^{-15}
+    try:
+        return all(cmath.isfinite(x) and cmath.isfinite(y) and abs(x - y) <= 1e-13 * max(abs(x), abs(y)) + 1e-15
+                   for x, y in zip(va[1], vb[1]))
+    except OverflowError:  # a huge rational against an irrational
+        return False
 
 
 def _interval(s):
