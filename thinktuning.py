@@ -2479,8 +2479,8 @@ COLORS = ["#1f5fa8", "#d2691e", "#2e8b57", "#8b3a8b"]
 DASHES = ["", "6 3", "2 3", "8 3 2 3"]  # equal curves would hide each other: each series has its own dash
 CSS = """body{font:14px/1.45 system-ui,sans-serif;margin:24px;color:#222;max-width:1160px}h2{margin-top:28px}
 .charts{display:flex;flex-wrap:wrap;gap:10px}svg text{font:11px sans-serif;fill:#333}.ttl{font-weight:bold}
-.frame{fill:none;stroke:#bbb}.zero{stroke:#999;stroke-dasharray:3 3}svg .ax{fill:#777}.band{fill:#fde9b8;shape-rendering:crispEdges}
-table{border-collapse:collapse}.note,.hdr{color:#555;font-size:13px}
+.frame{fill:none;stroke:#bbb}.zero{stroke:#999;stroke-dasharray:3 3}svg .ax{fill:#777}
+.band{fill:#fde9b8;shape-rendering:crispEdges}table{border-collapse:collapse}.note,.hdr{color:#555;font-size:13px}
 td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}td{white-space:nowrap}
 td:first-child,th:first-child{text-align:left}
 .roll{border:1px solid #ccc;border-radius:4px;margin:14px 0;padding:8px}.sw{padding:0 8px;border:1px solid #ccc}
