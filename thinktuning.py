@@ -2439,8 +2439,7 @@ def compare_table(folders, strict=True):
     Wilson interval, and McNemar's exact test of its first answers against the first run's on the same questions;
     then the paper's numbers."""
     runs = list(read_runs(folders, strict).items())
-    first, (base, base_preds, _) = runs[0][0], runs[0][1]
-    rows = []
+    (first, (base, base_preds, _)), rows = runs[0], []
     for b in dict.fromkeys(b for _, (res, _, _) in runs for b in res):
         for i, (name, (res, preds, _)) in enumerate(runs):
             both = i and b in res and b in base  # paired only on the same questions and golds (data_sha256)
