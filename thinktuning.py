@@ -2400,12 +2400,6 @@ def paired_test(samples_a, samples_b, benchmark):
     return len(both), b, c, mcnemar_exact(b, c)
 
 
-def same_data(ra, rb):
-    """Whether two results evaluated the same questions and golds (the content hash in eval.json; files written
-    before it was recorded are taken to match)."""
-    return ra.get("data_sha256") == rb.get("data_sha256")
-
-
 def acc_cell(r):
     """'47.5 [43.1, 51.9]': accuracy % and its 95% Wilson interval. Trials = the n questions, not n * samples:
     the samples of one question are not independent, so counting them all would make the interval too narrow."""
@@ -2442,8 +2436,8 @@ def compare_table(folders, strict=True):
     (first, (base, base_preds, _)), rows = runs[0], []
     for b in dict.fromkeys(b for _, (res, _, _) in runs for b in res):
         for i, (name, (res, preds, _)) in enumerate(runs):
-            both = i and b in res and b in base  # paired only on the same questions and golds (data_sha256)
-            same = both and same_data(base[b], res[b])
+            both = i and b in res and b in base  # paired only on the same questions and golds (their hash; files
+            same = both and base[b].get("data_sha256") == res[b].get("data_sha256")  # older than it: taken as equal)
             n, x, y, p = paired_test(base_preds, preds, b) if same else (0, 0, 0, 1)
             cmp = [n, x, y, f"{p:.3g}"] if n else ["other data" if both and not same else "-", "-", "-", "-"]
             cells = [res[b].get("n", "-"), acc_cell(res[b])] if b in res else ["-", "-"]
@@ -2454,9 +2448,10 @@ def compare_table(folders, strict=True):
             f"McNemar p against {first}"), rows
 
 
+PAPER_NOTE = ("The paper's numbers are for Llama-3.2-3B-Instruct, full benchmarks, greedy pass@1: not comparable to "
+              "another model or to an --eval-limit subset.")
 COMPARE_NOTE = ("McNemar: the exact two-sided test on the questions where the two runs' first answers (greedy with "
-                "--eval-samples 1) disagree; p < 0.05 suggests a real difference. The paper's numbers are "
-                "Llama-3.2-3B-Instruct on full benchmarks, greedy pass@1: not comparable to another model or limit.")
+                "--eval-samples 1) disagree; p < 0.05 suggests a real difference. " + PAPER_NOTE)
 
 
 # ------------------------------------------------------------------------------------------------ the report page
@@ -2592,9 +2587,8 @@ def eval_section(ev, preds):
              for p in [next((p for p in preds if p.get("benchmark") == b and p.get("correct") == right), None)] if p]
     answers = "".join(answer_block(p) for p in shown)
     return (f'<p class="note">{conf}</p>' + table(EVAL_HEAD, eval_rows(ev["results"])) + '<p class="note">95% Wilson '
-            "interval over the n questions (not n &times; samples: one question's samples are not independent). The "
-            "paper's numbers are for Llama-3.2-3B-Instruct, full benchmarks, greedy pass@1: not comparable to another "
-            "model or to an --eval-limit subset.</p>" + answers)
+            "interval over the n questions (not n &times; samples: one question's samples are not independent). "
+            f"{html.escape(PAPER_NOTE)}</p>" + answers)
 
 
 def answer_block(p):
