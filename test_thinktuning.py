@@ -2464,7 +2464,7 @@ def test_read_runs_same_names_keep_one_column_each(tmp_path):
         folder.mkdir(parents=True)
         (folder / "eval.json").write_text(json.dumps({"results": {"gsm8k": {"accuracy": acc, "n": 10}}}))
     runs = tt.read_runs([str(a), str(b), str(b) + "/"])  # the same base name twice, and one folder repeated
-    assert {name: res["gsm8k"]["accuracy"] for name, (res, _, _) in runs.items()} == {str(a): 30.0, str(b): 70.0}
+    assert {name: res["gsm8k"]["accuracy"] for name, (res, _) in runs.items()} == {str(a): 30.0, str(b): 70.0}
     assert list(tt.read_runs([str(a), str(tmp_path)], strict=False)) == ["run", tmp_path.name]  # distinct: base names
 
 

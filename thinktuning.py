@@ -2256,9 +2256,7 @@ PAPER = {"math500": ("45.46", "47.54"), "gpqa": ("24.19", "28.18")}
 
 def load_benchmark(name, limit=None):
     """[{'question', 'gold'}] for a benchmark name, a Hub dataset or a local file with the same fields."""
-    if name not in BENCHMARKS and not os.path.exists(name) and name.endswith((".jsonl", ".json", ".parquet")):
-        raise UserError(f"{name}: no such file")
-    if name not in BENCHMARKS and not os.path.exists(name) and "/" not in name:
+    if name not in BENCHMARKS and "/" not in name and not name.endswith((".jsonl", ".json", ".parquet")):
         raise UserError(f"unknown benchmark {name!r}: use {', '.join(BENCHMARKS)}, a Hub dataset or a local file")
     try:
         # a Hub dataset named here is read from its test split (from its only split when it has one)
@@ -2409,22 +2407,21 @@ def acc_cell(r):
 
 
 def read_runs(folders, strict=True):
-    """name -> (results, eval_samples rows, eval.json) per run folder. A folder without an eval.json written by
+    """name -> (results, eval_samples rows) per run folder. A folder without an eval.json written by
     --eval is an error when strict (--compare), a run without results otherwise (the report page)."""
     folders = list(dict.fromkeys(os.path.normpath(f) for f in folders))
     names = [os.path.basename(f) for f in folders]
     names = names if len(set(names)) == len(names) else folders  # x/run and run: one column each
     runs = {}
     for folder, name in zip(folders, names):
-        ev = read_json(os.path.join(folder, "eval.json"))
-        results = ev.get("results")
+        results = read_json(os.path.join(folder, "eval.json")).get("results")
         if not isinstance(results, dict) or not all(isinstance(r, dict) and num(r.get("accuracy")) is not None
                                                     for r in results.values()):
             if strict:
                 raise UserError(f"{os.path.join(folder, 'eval.json')}: missing, or not an eval.json written by --eval "
                                 f"(run --eval with --out {folder} first)")
             results = {}
-        runs[name] = (results, read_jsonl(os.path.join(folder, "eval_samples.jsonl")), ev)
+        runs[name] = (results, read_jsonl(os.path.join(folder, "eval_samples.jsonl")))
     return runs
 
 
@@ -2433,9 +2430,9 @@ def compare_table(folders, strict=True):
     Wilson interval, and McNemar's exact test of its first answers against the first run's on the same questions;
     then the paper's numbers."""
     runs = list(read_runs(folders, strict).items())
-    (first, (base, base_preds, _)), rows = runs[0], []
-    for b in dict.fromkeys(b for _, (res, _, _) in runs for b in res):
-        for i, (name, (res, preds, _)) in enumerate(runs):
+    (first, (base, base_preds)), rows = runs[0], []
+    for b in dict.fromkeys(b for _, (res, _) in runs for b in res):
+        for i, (name, (res, preds)) in enumerate(runs):
             both = i and b in res and b in base  # paired only on the same questions and golds (their hash; files
             same = both and base[b].get("data_sha256") == res[b].get("data_sha256")  # older than it: taken as equal)
             n, x, y, p = paired_test(base_preds, preds, b) if same else (0, 0, 0, 1)
