@@ -883,10 +883,10 @@ def _last_phrase(text):
     return last
 
 
-def _phrase_answer(text):
+def _phrase_answer(text, phrase=None):
     """The sentence after the last answer phrase, unless hedged or taken back; of a statement such as "The smallest
     $k$ is 12" the part after "is", and of "18 eggs" the number (a count noun: no unit, single letter or scale)."""
-    phrase = _last_phrase(text)
+    phrase = phrase or _last_phrase(text)
     if phrase is None:
         return None
     answer, stop = _sentence_after(text, phrase.end())
@@ -954,7 +954,8 @@ def extract_answer(text):
     if 0 <= a < b and b - a < MAX_ANSWER_CHARS:
         content = text[a + 8:b].strip()
         return content if content and not _taken_back(text, b, content) else None
-    return _phrase_answer(text) if _last_phrase(text) else _final_sentence_answer(text)
+    phrase = _last_phrase(text)  # found once: _phrase_answer reads the sentence after it
+    return _phrase_answer(text, phrase) if phrase else _final_sentence_answer(text)
 
 
 _UNWRAP = re.compile(r"\\(?:text|textbf|textit|textnormal|mathbf|mathrm|mathit|mbox|operatorname)\s*\{([^{}]*)\}")
